@@ -1,0 +1,295 @@
+"""Clean stage: raw sources -> deduplicated, filtered, split Parquet corpora and a report.
+
+Outputs (schemas in DESIGN.md), written atomically into `paths.clean`:
+- `corpus.parquet`: id, source, text, split — the pretraining corpus (sources without labels);
+- `labeled.parquet`: id, source, text, split, label — the labeled set;
+and `metrics/clean.json`: documents in and out per source and per filter, repairs, characters,
+split sizes and the label distribution per split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import multiprocessing
+import os
+import re
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datasketch import MinHash, MinHashLSH
+from tqdm import tqdm
+
+from pipeline.config import PROJECT_ROOT, Clean, Config, ConfigError, Dedup, Filters, Source, load_config
+from pipeline.files import InputError, atomic_dir, resolve_paths, write_json
+from pipeline.sources import RawDoc, read_source
+from pipeline.textfix import has_mojibake, repair, wikitext_to_text
+
+SPLITS = ("train", "val", "test")
+WORD = re.compile(r"\w+")
+CORPUS_FILE = "corpus.parquet"
+LABELED_FILE = "labeled.parquet"
+
+
+@dataclass(frozen=True, slots=True)
+class CleanDoc:
+    text: str
+    label: str | None
+    where: str
+    repairs: tuple[str, ...]
+
+
+@dataclass
+class SourceReport:
+    files: int = 0
+    documents_in: int = 0
+    documents_out: int = 0
+    characters_out: int = 0
+    removed: Counter[str] = field(default_factory=Counter)
+    repairs: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class OutputSet:
+    """Documents kept for one output file, with the dedup indexes that guard it."""
+
+    dedup: Dedup
+    rows: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
+    seen_keys: set[str] = field(default_factory=set)
+    lsh: MinHashLSH | None = None
+    permutations: tuple[np.ndarray, np.ndarray] | None = None
+    scheme: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dedup.near:
+            self.lsh = MinHashLSH(threshold=self.dedup.threshold, num_perm=self.dedup.num_perm)
+            template = MinHash(num_perm=self.dedup.num_perm, seed=self.dedup.seed)
+            self.permutations, self.scheme = template.permutations, template.scheme
+
+    def duplicate_of_earlier(self, key: str, doc_id: str) -> str | None:
+        """'exact_duplicate', 'near_duplicate' or None (and remember the document when new)."""
+        if self.dedup.exact and key in self.seen_keys:
+            return "exact_duplicate"
+        self.seen_keys.add(key)
+        if self.lsh is None:
+            return None
+        minhash = MinHash(
+            num_perm=self.dedup.num_perm, permutations=self.permutations, scheme=self.scheme
+        )
+        minhash.update_batch([s.encode() for s in shingles(key, self.dedup.shingle_words)])
+        if self.lsh.query(minhash):
+            return "near_duplicate"
+        self.lsh.insert(doc_id, minhash, check_duplication=False)
+        return None
+
+
+# ---------------------------------------------------------------- pure per-document functions
+
+
+def normalized_key(text: str) -> str:
+    """The text as dedup compares it: case-folded words, punctuation and spacing ignored."""
+    return " ".join(WORD.findall(text.casefold()))
+
+
+def shingles(key: str, size: int) -> set[str]:
+    words = key.split()
+    if len(words) <= size:
+        return {key}
+    return {" ".join(words[i : i + size]) for i in range(len(words) - size + 1)}
+
+
+def document_id(key: str) -> str:
+    """A stable content hash: the same normalised text always gets the same id."""
+    return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+
+
+def assign_split(doc_id: str, cfg: Clean) -> str:
+    """Split by a hash of the id alone, so adding documents never moves an existing one."""
+    digest = hashlib.sha256(f"{cfg.split.salt}:{doc_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < cfg.split.train:
+        return "train"
+    return "val" if u < cfg.split.train + cfg.split.val else "test"
+
+
+def effective_filters(source: Source, filters: Filters) -> Filters:
+    overrides = source.filters.model_dump(exclude_none=True)
+    return filters.model_copy(update=overrides)
+
+
+def failed_filter(text: str, f: Filters) -> str | None:
+    """The name of the first quality filter the text fails, or None."""
+    if not text:
+        return "empty"
+    if len(text) < f.min_chars:
+        return "min_chars"
+    if len(text) > f.max_chars:
+        return "max_chars"
+    if len(text.split()) < f.min_words:
+        return "min_words"
+    visible = [c for c in text if not c.isspace()]
+    nonletter = sum(1 for c in visible if not c.isalpha())
+    if visible and nonletter / len(visible) > f.max_nonletter_ratio:
+        return "max_nonletter_ratio"
+    lines = [ln for ln in text.split("\n") if ln.strip()]
+    if len(lines) > 1 and (len(lines) - len(set(lines))) / len(lines) > f.max_repeated_line_ratio:
+        return "max_repeated_line_ratio"
+    return None
+
+
+def clean_document(doc: RawDoc) -> CleanDoc:
+    text = wikitext_to_text(doc.text) if doc.kind == "wikitext" else doc.text
+    text, made = repair(text)
+    return CleanDoc(text, doc.label, doc.where, tuple(made))
+
+
+def _clean_batch(batch: list[RawDoc]) -> list[CleanDoc]:
+    return [clean_document(d) for d in batch]
+
+
+def batched(items: Iterable[RawDoc], size: int) -> Iterator[list[RawDoc]]:
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def read_all(source: Source, base: Path, report: SourceReport) -> Iterator[RawDoc]:
+    paths = resolve_paths(source.path, base)
+    report.files = len(paths)
+    for path in paths:
+        yield from read_source(source, path)
+
+
+def split_summary(rows: dict[str, list[Any]], labeled: bool) -> dict[str, Any]:
+    total = len(rows["id"])
+    summary: dict[str, Any] = {"documents": total, "characters": sum(map(len, rows["text"])), "splits": {}}
+    for split in SPLITS:
+        idx = [i for i, s in enumerate(rows["split"]) if s == split]
+        entry: dict[str, Any] = {
+            "documents": len(idx),
+            "share": round(len(idx) / total, 4) if total else 0.0,
+            "characters": sum(len(rows["text"][i]) for i in idx),
+        }
+        if labeled:
+            entry["labels"] = dict(sorted(Counter(rows["label"][i] for i in idx).items()))
+        summary["splits"][split] = entry
+    return summary
+
+
+def to_table(rows: dict[str, list[Any]], labeled: bool) -> pa.Table:
+    columns = ["id", "source", "text", "split"] + (["label"] if labeled else [])
+    return pa.table({c: pa.array(rows[c], type=pa.string()) for c in columns})
+
+
+def run(cfg: Config, out_dir: Path, metrics_path: Path, base: Path = PROJECT_ROOT) -> dict[str, Any]:
+    """Clean every source into `out_dir` and write the report to `metrics_path`; returns it."""
+    clean_cfg = cfg.data.clean
+    started = time.perf_counter()
+    sets = {"corpus": OutputSet(clean_cfg.dedup), "labeled": OutputSet(clean_cfg.dedup)}
+    reports: dict[str, SourceReport] = {}
+    workers = clean_cfg.workers or os.cpu_count() or 1
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        for source in cfg.data.sources:
+            report = reports[source.name] = SourceReport()
+            target = sets["labeled" if source.labeled else "corpus"]
+            filters = effective_filters(source, clean_cfg.filters)
+            batches = batched(read_all(source, base, report), clean_cfg.batch_pages)
+            progress = tqdm(desc=f"clean {source.name}", unit="doc", disable=None, file=sys.stderr)
+            for cleaned in pool.imap(_clean_batch, batches):
+                for doc in cleaned:
+                    report.documents_in += 1
+                    report.repairs.update(doc.repairs)
+                    reason = "missing_label" if source.labeled and doc.label is None else None
+                    reason = reason or failed_filter(doc.text, filters)
+                    key = normalized_key(doc.text)
+                    doc_id = document_id(key)
+                    reason = reason or target.duplicate_of_earlier(key, doc_id)
+                    if reason:
+                        report.removed[reason] += 1
+                        continue
+                    report.documents_out += 1
+                    report.characters_out += len(doc.text)
+                    for column, value in (("id", doc_id), ("source", source.name), ("text", doc.text),
+                                          ("split", assign_split(doc_id, clean_cfg)), ("label", doc.label)):
+                        target.rows[column].append(value)
+                progress.update(len(cleaned))
+            progress.close()
+            if report.documents_in == 0:
+                raise InputError(f"source '{source.name}' ({source.path}): yielded no documents")
+            if report.documents_out == 0:
+                removed = ", ".join(f"{k} {v}" for k, v in report.removed.most_common())
+                raise InputError(
+                    f"source '{source.name}': all {report.documents_in} documents were removed ({removed})"
+                )
+
+    labeled_texts = sets["labeled"].rows["text"]
+    metrics: dict[str, Any] = {
+        "sources": {
+            name: {
+                "files": r.files,
+                "documents_in": r.documents_in,
+                "documents_out": r.documents_out,
+                "characters_out": r.characters_out,
+                "removed": dict(sorted(r.removed.items())),
+                "repairs": dict(sorted(r.repairs.items())),
+            }
+            for name, r in reports.items()
+        },
+        "corpus": split_summary(sets["corpus"].rows, labeled=False),
+        "labeled": split_summary(sets["labeled"].rows, labeled=True),
+        "quality": {
+            "labeled_with_mojibake": sum(map(has_mojibake, labeled_texts)),
+            "labeled_with_non_ascii": sum(1 for t in labeled_texts if not t.isascii()),
+        },
+    }
+    with atomic_dir(out_dir) as tmp:
+        for name, filename in (("corpus", CORPUS_FILE), ("labeled", LABELED_FILE)):
+            labeled = name == "labeled"
+            pq.write_table(to_table(sets[name].rows, labeled), tmp / filename, compression="zstd")
+    write_json(metrics_path, metrics)
+    metrics["seconds"] = round(time.perf_counter() - started, 2)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.clean", description=__doc__.split("\n")[0])
+    parser.add_argument("--params", type=Path, default=PROJECT_ROOT / "params.yaml", help="params file")
+    args = parser.parse_args(argv)
+    from pipeline import tracking
+
+    try:
+        cfg = load_config(args.params)
+        out_dir = PROJECT_ROOT / cfg.paths.clean
+        metrics_path = PROJECT_ROOT / cfg.paths.metrics / "clean.json"
+        inputs = {s.name: p for s in cfg.data.sources for p in resolve_paths(s.path, PROJECT_ROOT)[:1]}
+        with tracking.stage_run(
+            "clean", cfg.tracking, cfg.data.model_dump(), inputs, {"clean": out_dir}
+        ) as run_log:
+            metrics = run(cfg, out_dir, metrics_path)
+            run_log.log_metrics(tracking.numeric_leaves(metrics))
+            run_log.log_artifact(metrics_path)
+    except (InputError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    corpus, labeled = metrics["corpus"], metrics["labeled"]
+    print(
+        f"clean: corpus {corpus['documents']} documents ({corpus['characters']:,} chars), "
+        f"labeled {labeled['documents']} documents, {metrics['seconds']} s -> {out_dir}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

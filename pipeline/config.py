@@ -1,0 +1,215 @@
+"""The typed model of `params.yaml`: every knob, its default and its unit, validated once.
+
+Stage code receives this model (or one of its sections), never raw dicts. An unknown key, a wrong
+type or an out-of-range value stops with one line that names the key (and the closest valid key
+for a typo): see `load_config`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PARAMS = PROJECT_ROOT / "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A params file that does not describe a valid pipeline configuration."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- data sources and cleaning
+
+
+class Filters(Section):
+    """Quality filters; a document failing any of them is dropped and counted under its name."""
+
+    min_chars: int = Field(200, ge=0, description="minimum characters after cleaning")
+    max_chars: int = Field(2_000_000, ge=1, description="maximum characters after cleaning")
+    min_words: int = Field(20, ge=0, description="minimum whitespace-separated words")
+    max_nonletter_ratio: float = Field(
+        0.5, ge=0, le=1, description="maximum share of non-letter, non-space characters"
+    )
+    max_repeated_line_ratio: float = Field(
+        0.3, ge=0, le=1, description="maximum share of non-empty lines that repeat an earlier line"
+    )
+
+
+class FilterOverrides(Section):
+    """Per-source changes to the global filters (unset fields keep the global value)."""
+
+    min_chars: int | None = Field(None, ge=0)
+    max_chars: int | None = Field(None, ge=1)
+    min_words: int | None = Field(None, ge=0)
+    max_nonletter_ratio: float | None = Field(None, ge=0, le=1)
+    max_repeated_line_ratio: float | None = Field(None, ge=0, le=1)
+
+
+SourceFormat = Literal["mediawiki", "text", "jsonl", "csv", "parquet"]
+
+
+class Source(Section):
+    """One raw input. `path` is a file, a directory, a glob, or `pkg://package/path/in/package`."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    format: SourceFormat
+    path: str = Field(min_length=1)
+    text_field: str | None = Field(None, description="column holding the text (tabular formats)")
+    label_field: str | None = Field(None, description="column holding the label: a labeled set")
+    encoding: str = Field("auto", description="'auto' detects; else a Python codec name")
+    filters: FilterOverrides = FilterOverrides()
+
+    @model_validator(mode="after")
+    def _fields_fit_format(self) -> Source:
+        tabular = self.format in ("jsonl", "csv", "parquet")
+        if tabular and not self.text_field:
+            raise ValueError(f"source '{self.name}': format {self.format} needs text_field")
+        if not tabular and (self.text_field or self.label_field):
+            raise ValueError(f"source '{self.name}': text_field/label_field only apply to tables")
+        return self
+
+    @property
+    def labeled(self) -> bool:
+        return self.label_field is not None
+
+
+class Dedup(Section):
+    exact: bool = Field(True, description="drop documents whose normalised text was seen before")
+    near: bool = Field(True, description="drop near-duplicates found by MinHash LSH")
+    threshold: float = Field(0.8, gt=0, lt=1, description="estimated Jaccard similarity to drop")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations")
+    shingle_words: int = Field(3, ge=1, le=10, description="words per shingle")
+    seed: int = 1
+
+
+class Split(Section):
+    """Train/val/test by a hash of each document's id: adding documents never moves old ones."""
+
+    train: float = Field(0.8, gt=0, lt=1)
+    val: float = Field(0.1, gt=0, lt=1)
+    test: float = Field(0.1, gt=0, lt=1)
+    salt: str = Field("split-v1", description="change to draw a different (stable) split")
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> Split:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(f"split ratios must sum to 1, got {total:g}")
+        return self
+
+
+class Clean(Section):
+    filters: Filters = Filters()
+    dedup: Dedup = Dedup()
+    split: Split = Split()
+    workers: int = Field(0, ge=0, description="processes for wikitext parsing; 0 = all cores")
+    batch_pages: int = Field(64, ge=1, description="pages handed to a worker at a time")
+
+
+class Data(Section):
+    sources: list[Source] = Field(min_length=1)
+    clean: Clean = Clean()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Data:
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+
+# ---------------------------------------------------------------- paths and tracking
+
+
+class Paths(Section):
+    """Where stages read and write, relative to the project root (dvc.yaml interpolates these)."""
+
+    clean: str = "data/clean"
+    metrics: str = "metrics"
+
+
+
+class Tracking(Section):
+    enabled: bool = True
+    experiment: str = "llm-pipeline"
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; default sqlite:///<project>/mlflow.db"
+    )
+
+
+# ---------------------------------------------------------------- the whole file
+
+
+class Config(Section):
+    seed: int = 1337
+    paths: Paths = Paths()
+    data: Data
+    tracking: Tracking = Tracking()
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The valid keys of the nested model that `loc` points into (for typo suggestions)."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", None) or (annotation,)
+        nested = [a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
+            break
+        model = nested[0]
+    return list(model.model_fields)
+
+
+def _describe(error: dict[str, Any], source: str) -> str:
+    loc = tuple(error["loc"])
+    key = ".".join(str(p) for p in loc) or "<root>"
+    if error["type"] == "extra_forbidden":
+        known = _known_keys(Config, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(known)}"
+        return f"{source}: unknown key '{key}'{hint}"
+    if error["type"] == "missing":
+        return f"{source}: missing required key '{key}'"
+    value = error.get("input")
+    shown = f" (got {value!r})" if not isinstance(value, dict | list) else ""
+    return f"{source}: invalid value for '{key}'{shown}: {error['msg']}"
+
+
+def parse_config(raw: Any, source: str = "params") -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors()[0], source)) from None
+
+
+def load_config(path: Path | str = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Config:
+    """Read and validate a params file; `overrides` maps dotted keys to values (`a.b: 3`)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return parse_config(raw, str(path))

@@ -1,0 +1,144 @@
+"""Text repair: wikitext to plain prose, mojibake and encoding repair, Unicode and whitespace norms.
+
+Each function returns the new text; `repair` also names the repairs it made so the clean stage can
+count them.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+import ftfy
+import mwparserfromhell
+from ftfy.badness import is_bad
+from mwparserfromhell.nodes import (
+    Argument,
+    Comment,
+    ExternalLink,
+    Heading,
+    HTMLEntity,
+    Tag,
+    Template,
+    Text,
+    Wikilink,
+)
+from mwparserfromhell.wikicode import Wikicode
+
+# Link namespaces whose target is not prose: media, categories, and interlanguage/interwiki links.
+DROPPED_LINK_PREFIX = re.compile(
+    r"^\s*:?\s*(file|image|media|category|[a-z]{2,3}(-[a-z]{2,8})?|wikt|wiktionary|commons|s|q)\s*:",
+    re.IGNORECASE,
+)
+DROPPED_TAGS = frozenset(
+    {"ref", "references", "table", "gallery", "math", "chem", "score", "timeline", "imagemap",
+     "syntaxhighlight", "source", "pre", "nowiki", "templatedata", "graph", "mapframe", "hiero"}
+)
+LINE_BREAK_TAGS = frozenset({"br", "p", "div", "li", "dd", "dt", "tr"})
+# What survives a parse of broken markup: table rows, unmatched template or link braces.
+MARKUP_LEFTOVER_LINE = re.compile(r"^\s*(\{\||\|\}|\|-|\|\+|!\s)")
+MARKUP_LEFTOVER = re.compile(r"\{\{|\}\}|\[\[|\]\]|<ref[^>]*>|</ref>|\{\||\|\}|__[A-Z]+__")
+
+# Characters of the high halves of cp1252 and Mac Roman: the alphabet of mojibake in English text.
+_LEGACY_HIGH = "".join(
+    sorted({bytes([b]).decode(enc, "ignore") for enc in ("cp1252", "mac_roman") for b in range(128, 256)}
+           - {""})
+)
+# A run of non-ASCII characters and underscores (the file that taught us this replaced the bytes
+# it lost with '_'). It is mojibake garbage when it holds an underscore, or is two or more
+# characters long and holds a legacy-high symbol other than prose punctuation, three or more
+# legacy-high letters, or a lower-case letter followed by an upper-case one. Real words' accents
+# ("informação", "Über"), dashes and quotes ("’’"), and other scripts (中文, Ελληνικά) pass.
+NON_ASCII_RUN = re.compile(r"_*[^\x00-\x7f\s](?:_*[^\x00-\x7f\s])*_*")
+LEGACY_HIGH = frozenset(_LEGACY_HIGH)
+PROSE_PUNCTUATION = frozenset("–—‘’‚“”„…•·°«»‹›")
+HTML_ENTITY = re.compile(r"&(#\d+|#x[0-9a-fA-F]+|[a-zA-Z]+);")
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\ufeff\ufffd]")
+SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]+")
+BLANK_LINES = re.compile(r"\n{3,}")
+
+
+def _plain(code: Wikicode) -> str:
+    parts: list[str] = []
+    for node in code.nodes:
+        if isinstance(node, Text):
+            parts.append(node.value)
+        elif isinstance(node, Wikilink):
+            title = str(node.title)
+            if DROPPED_LINK_PREFIX.match(title):
+                continue
+            parts.append(_plain(node.text) if node.text else title.split("#")[0])
+        elif isinstance(node, ExternalLink):
+            if node.title:
+                parts.append(_plain(node.title))
+        elif isinstance(node, Heading):
+            parts.append(f"\n{_plain(node.title).strip()}\n")
+        elif isinstance(node, Tag):
+            tag = str(node.tag).strip().lower()
+            if tag in DROPPED_TAGS:
+                continue
+            if node.contents:
+                parts.append(_plain(node.contents))
+            if tag in LINE_BREAK_TAGS:
+                parts.append("\n")
+        elif isinstance(node, HTMLEntity):
+            parts.append(node.normalize())
+        elif isinstance(node, Template | Comment | Argument):
+            continue
+    return "".join(parts)
+
+
+def wikitext_to_text(wikitext: str) -> str:
+    """Plain prose from wikitext: links become their text, headings stay as lines, the rest goes."""
+    text = _plain(mwparserfromhell.parse(wikitext))
+    lines = [ln for ln in text.split("\n") if not MARKUP_LEFTOVER_LINE.match(ln)]
+    return normalize_whitespace(MARKUP_LEFTOVER.sub("", "\n".join(lines)))
+
+
+def normalize_whitespace(text: str) -> str:
+    lines = (SPACES.sub(" ", line).strip() for line in text.replace("\r\n", "\n").split("\n"))
+    return BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
+
+
+def is_garbage(run: str) -> bool:
+    if "_" in run:
+        return True
+    if len(run) < 2:
+        return False
+    legacy = [c for c in run if c in LEGACY_HIGH]
+    if any(not c.isalpha() and c not in PROSE_PUNCTUATION for c in legacy) or len(legacy) >= 3:
+        return True
+    return any(a.islower() and b.isupper() for a, b in zip(run, run[1:]))
+
+
+def _drop_garbage(match: re.Match[str]) -> str:
+    return "" if is_garbage(match.group()) else match.group()
+
+
+def repair(text: str) -> tuple[str, list[str]]:
+    """Fix what is recoverable (ftfy), drop garbage that is not, normalise; name each repair made."""
+    made: list[str] = []
+    if is_bad(text) or HTML_ENTITY.search(text):
+        fixed = ftfy.fix_text(text, normalization="NFC", uncurl_quotes=False)
+        if fixed != text:
+            made.append("mojibake_fixed")
+            text = fixed
+    stripped = NON_ASCII_RUN.sub(_drop_garbage, text)
+    if stripped != text:
+        made.append("garbage_removed")
+        text = stripped
+    stripped = CONTROL_CHARS.sub("", text)
+    if stripped != text:
+        made.append("control_removed")
+        text = stripped
+    normal = unicodedata.normalize("NFC", text)
+    if normal != text:
+        made.append("nfc")
+        text = normal
+    return normalize_whitespace(text), made
+
+
+def has_mojibake(text: str) -> bool:
+    """Whether text still looks like mojibake or carries control characters (for the report)."""
+    garbage = any(is_garbage(m.group()) for m in NON_ASCII_RUN.finditer(text))
+    return bool(garbage or is_bad(text) or CONTROL_CHARS.search(text))

@@ -1,0 +1,153 @@
+"""The only place that talks to MLflow: one run per stage execution, batched metrics, lineage tags.
+
+The store defaults to a SQLite file at an absolute path inside the project, so queued `dvc exp`
+runs (which execute in temporary copies of the workspace) still log to the one store;
+`MLFLOW_TRACKING_URI` or `tracking.uri` override it. A stage run nests under the pipeline run named
+by `PIPELINE_PARENT_RUN_ID` when that is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.config import PROJECT_ROOT, Tracking
+from pipeline.files import file_digest
+
+if TYPE_CHECKING:
+    from mlflow.entities import Metric
+
+PARENT_RUN_ENV = "PIPELINE_PARENT_RUN_ID"
+METRIC_BATCH = 1000  # MLflow's log_batch limit
+
+
+def tracking_uri(cfg: Tracking) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+
+
+def git_state(root: Path = PROJECT_ROOT) -> dict[str, str]:
+    """The commit the code came from and whether the work tree differed from it."""
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {"git.commit": commit, "git.dirty": str(dirty).lower()}
+
+
+def path_md5(path: Path) -> str:
+    """md5 of a file, or of a directory's sorted `relative-path md5` listing (as a manifest)."""
+    if path.is_file():
+        return file_digest(path, "md5")
+    lines = [
+        f"{p.relative_to(path).as_posix()} {file_digest(p, 'md5')}"
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    ]
+    return hashlib.md5("\n".join(lines).encode()).hexdigest()
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:6000]
+    return flat
+
+
+class StageRun:
+    """Collects what a stage logs; with tracking disabled every call is a no-op."""
+
+    def __init__(self, client: Any | None, run_id: str | None) -> None:
+        self.client = client
+        self.run_id = run_id
+        self._pending: list[Metric] = []
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            self._pending.append(Metric(key, float(value), now, step))
+        if len(self._pending) >= METRIC_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._pending and self.client is not None:
+            batch, self._pending = self._pending[:METRIC_BATCH], self._pending[METRIC_BATCH:]
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        if self.client is not None:
+            from mlflow.entities import RunTag
+
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if self.client is None:
+            return
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    cfg: Tracking,
+    params: Mapping[str, Any],
+    inputs: Mapping[str, Path],
+    outputs: Mapping[str, Path],
+) -> Iterator[StageRun]:
+    """One MLflow run for one stage execution; output hashes are tagged when the stage succeeds."""
+    if not cfg.enabled:
+        yield StageRun(None, None)
+        return
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment)
+    tags = {"stage": stage, "mlflow.runName": stage, **git_state()}
+    if parent := os.environ.get(PARENT_RUN_ENV):
+        tags["mlflow.parentRunId"] = parent
+    tags.update({f"input.{name}.md5": path_md5(p) for name, p in inputs.items() if p.exists()})
+    run = client.create_run(experiment_id, tags=tags)
+    run_id = run.info.run_id
+    client.log_batch(run_id, params=[Param(k, v) for k, v in flatten(params).items()])
+    tracked = StageRun(client, run_id)
+    try:
+        yield tracked
+        tracked.flush()
+        tracked.set_tags({f"output.{n}.md5": path_md5(p) for n, p in outputs.items() if p.exists()})
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        tracked.flush()
+        client.set_terminated(run_id, "FAILED")
+        raise
+
+
+def numeric_leaves(data: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Every number in a nested report, keyed by its dotted path (what MLflow takes as metrics)."""
+    leaves: dict[str, float] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            leaves.update(numeric_leaves(value, f"{name}."))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            leaves[name] = float(value)
+    return leaves
