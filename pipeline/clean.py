@@ -165,8 +165,8 @@ def batched(items: Iterable[RawDoc], size: int) -> Iterator[list[RawDoc]]:
 # ---------------------------------------------------------------- the stage
 
 
-def read_all(source: Source, base: Path, report: SourceReport) -> Iterator[RawDoc]:
-    paths = resolve_paths(source.path, base)
+def read_all(source: Source, raw_dir: Path, report: SourceReport) -> Iterator[RawDoc]:
+    paths = resolve_paths(str(raw_dir / source.name))
     report.files = len(paths)
     for path in paths:
         yield from read_source(source, path)
@@ -193,8 +193,9 @@ def to_table(rows: dict[str, list[Any]], labeled: bool) -> pa.Table:
     return pa.table({c: pa.array(rows[c], type=pa.string()) for c in columns})
 
 
-def run(cfg: Config, out_dir: Path, metrics_path: Path, base: Path = PROJECT_ROOT) -> dict[str, Any]:
-    """Clean every source into `out_dir` and write the report to `metrics_path`; returns it."""
+def run(cfg: Config, raw_dir: Path, out_dir: Path, metrics_path: Path) -> dict[str, Any]:
+    """Clean every source ingested under `raw_dir` into `out_dir`, write the report to
+    `metrics_path` and return it."""
     clean_cfg = cfg.data.clean
     started = time.perf_counter()
     sets = {"corpus": OutputSet(clean_cfg.dedup), "labeled": OutputSet(clean_cfg.dedup)}
@@ -205,7 +206,7 @@ def run(cfg: Config, out_dir: Path, metrics_path: Path, base: Path = PROJECT_ROO
             report = reports[source.name] = SourceReport()
             target = sets["labeled" if source.labeled else "corpus"]
             filters = effective_filters(source, clean_cfg.filters)
-            batches = batched(read_all(source, base, report), clean_cfg.batch_pages)
+            batches = batched(read_all(source, raw_dir, report), clean_cfg.batch_pages)
             progress = tqdm(desc=f"clean {source.name}", unit="doc", disable=None, file=sys.stderr)
             for cleaned in pool.imap(_clean_batch, batches):
                 for doc in cleaned:
@@ -271,13 +272,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.params)
+        raw_dir = PROJECT_ROOT / cfg.paths.raw
         out_dir = PROJECT_ROOT / cfg.paths.clean
         metrics_path = PROJECT_ROOT / cfg.paths.metrics / "clean.json"
-        inputs = {s.name: p for s in cfg.data.sources for p in resolve_paths(s.path, PROJECT_ROOT)[:1]}
         with tracking.stage_run(
-            "clean", cfg.tracking, cfg.data.model_dump(), inputs, {"clean": out_dir}
+            "clean", cfg.tracking, cfg.data.model_dump(), {"raw": raw_dir}, {"clean": out_dir}
         ) as run_log:
-            metrics = run(cfg, out_dir, metrics_path)
+            metrics = run(cfg, raw_dir, out_dir, metrics_path)
             run_log.log_metrics(tracking.numeric_leaves(metrics))
             run_log.log_artifact(metrics_path)
     except (InputError, ConfigError) as exc:

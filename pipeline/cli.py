@@ -43,7 +43,8 @@ def run(
     force: Annotated[bool, typer.Option(help="rerun even when nothing changed")] = False,
 ) -> None:
     """Reproduce the pipeline with DVC (only stages whose inputs or params changed rerun)."""
-    command = [sys.executable, "-m", "dvc", "repro", *(["--force"] if force else []), *([stage] if stage else [])]
+    command = [sys.executable, "-m", "dvc", "repro", *(["--force"] if force else [])]
+    command += [stage] if stage else []
     raise typer.Exit(subprocess.call(command, cwd=PROJECT_ROOT))
 
 

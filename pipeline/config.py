@@ -133,6 +133,7 @@ class Data(Section):
 class Paths(Section):
     """Where stages read and write, relative to the project root (dvc.yaml interpolates these)."""
 
+    raw: str = "data/raw"
     clean: str = "data/clean"
     metrics: str = "metrics"
 

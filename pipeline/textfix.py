@@ -112,7 +112,11 @@ def is_garbage(run: str) -> bool:
 
 
 def _drop_garbage(match: re.Match[str]) -> str:
-    return "" if is_garbage(match.group()) else match.group()
+    run = match.group()
+    if not is_garbage(run):
+        return run
+    # The real character often survives as the run's first one ("don’¢_äŒ_Ü¢t" was "don’t").
+    return run[0] if run[0] in PROSE_PUNCTUATION else ""
 
 
 def repair(text: str) -> tuple[str, list[str]]:

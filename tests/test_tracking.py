@@ -1,0 +1,47 @@
+"""Stage runs land in MLflow with params, batched metrics and lineage tags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline import tracking
+from pipeline.config import Tracking
+
+
+def test_stage_run_records_params_metrics_and_hashes(tmp_path: Path, monkeypatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv(tracking.PARENT_RUN_ENV, "parent123")
+    source = tmp_path / "in.txt"
+    source.write_text("raw bytes")
+    out = tmp_path / "out"
+    with tracking.stage_run("demo", Tracking(experiment="t"), {"a": {"b": 3}}, {"src": source},
+                            {"out": out}) as run:
+        out.mkdir()
+        (out / "x.bin").write_bytes(b"\x00\x01")
+        for step in range(1500):  # more than one batch
+            run.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+    client = MlflowClient(uri)
+    stored = client.get_run(run.run_id)
+    assert stored.info.status == "FINISHED"
+    assert stored.data.params == {"a.b": "3"}
+    tags = stored.data.tags
+    assert tags["stage"] == "demo" and tags["mlflow.parentRunId"] == "parent123"
+    assert tags["input.src.md5"] == tracking.path_md5(source)
+    assert tags["output.out.md5"] == tracking.path_md5(out)
+    assert len(tags["git.commit"]) in (40, 7) or tags["git.commit"] == "unknown"
+    assert len(client.get_metric_history(run.run_id, "loss")) == 1500
+
+
+def test_disabled_tracking_touches_nothing(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with tracking.stage_run("demo", Tracking(enabled=False), {}, {}, {}) as run:
+        run.log_metrics({"x": 1.0})
+    assert run.run_id is None and not list(tmp_path.iterdir())
+
+
+def test_numeric_leaves_flatten_reports() -> None:
+    report = {"a": {"b": 1, "c": {"d": 2.5}}, "name": "x", "flag": True}
+    assert tracking.numeric_leaves(report) == {"a.b": 1.0, "a.c.d": 2.5}
