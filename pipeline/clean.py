@@ -32,7 +32,7 @@ from tqdm import tqdm
 from pipeline.config import PROJECT_ROOT, Clean, Config, ConfigError, Dedup, Filters, Source, load_config
 from pipeline.files import InputError, atomic_dir, resolve_paths, write_json
 from pipeline.sources import RawDoc, read_source
-from pipeline.textfix import has_mojibake, repair, wikitext_to_text
+from pipeline.textfix import PROSE_PUNCTUATION, has_mojibake, repair, wikitext_to_text
 
 SPLITS = ("train", "val", "test")
 WORD = re.compile(r"\w+")
@@ -252,7 +252,9 @@ def run(cfg: Config, raw_dir: Path, out_dir: Path, metrics_path: Path) -> dict[s
         "labeled": split_summary(sets["labeled"].rows, labeled=True),
         "quality": {
             "labeled_with_mojibake": sum(map(has_mojibake, labeled_texts)),
-            "labeled_with_non_ascii": sum(1 for t in labeled_texts if not t.isascii()),
+            "labeled_with_other_non_ascii": sum(
+                any(not c.isascii() and c not in PROSE_PUNCTUATION for c in t) for t in labeled_texts
+            ),
         },
     }
     with atomic_dir(out_dir) as tmp:

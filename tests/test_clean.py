@@ -17,7 +17,7 @@ from pipeline import clean, ingest
 from pipeline.config import DEFAULT_PARAMS, Config, ConfigError, parse_config
 from pipeline.files import InputError, file_digest, resolve_package_path
 from pipeline.sources import read_mediawiki
-from pipeline.textfix import has_mojibake
+from pipeline.textfix import PROSE_PUNCTUATION, has_mojibake
 
 WIKI_DUMP = resolve_package_path(
     "pkg://gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -88,11 +88,9 @@ def test_no_wiki_markup_survives(full_run: tuple[dict[str, Any], Path]) -> None:
     metrics, out = full_run
     corpus = pq.read_table(out / clean.CORPUS_FILE).to_pylist()
     assert len(corpus) == metrics["corpus"]["documents"] > 100
-    for row in corpus:
-        for token in MARKUP:
-            assert token not in row["text"], f"{token!r} left in {row['id']}"
-    texts = "\n".join(r["text"] for r in corpus)
-    assert "Anarchism" in texts and "thumb|" not in texts and "Category:" not in texts
+    leftovers = [(r["id"], t) for r in corpus for t in (*MARKUP, "thumb|", "Category:") if t in r["text"]]
+    assert leftovers == []
+    assert any(r["text"].startswith("Anarchism is a political philosophy") for r in corpus)
 
 
 def test_labeled_texts_are_repaired(full_run: tuple[dict[str, Any], Path]) -> None:
@@ -100,9 +98,10 @@ def test_labeled_texts_are_repaired(full_run: tuple[dict[str, Any], Path]) -> No
     labeled = pq.read_table(out / clean.LABELED_FILE).to_pylist()
     assert {r["label"] for r in labeled} == {"negative", "neutral", "positive"}
     dirty = sum(has_mojibake(r["text"]) for r in labeled)
-    non_ascii = sum(not r["text"].isascii() for r in labeled)
-    assert dirty == metrics["quality"]["labeled_with_mojibake"]
-    assert non_ascii / len(labeled) < 0.01  # an upper bound: every non-ASCII text counted as dirty
+    # An upper bound: every text with a non-ASCII character other than quotes and dashes is dirty.
+    suspicious = sum(any(not c.isascii() and c not in PROSE_PUNCTUATION for c in r["text"]) for r in labeled)
+    assert dirty == metrics["quality"]["labeled_with_mojibake"] <= suspicious
+    assert suspicious / len(labeled) < 0.01
     assert metrics["sources"]["sentiment"]["repairs"]["garbage_removed"] > 1000
     # the apostrophe that arrives as '’¢_äŒ_Ü¢' through Mac Roman comes back as an apostrophe
     assert any("don't" in r["text"] or "don’t" in r["text"] for r in labeled)
