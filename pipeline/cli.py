@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -35,6 +35,70 @@ def clean(params: ParamsOption = DEFAULT_PARAMS) -> None:
     from pipeline import clean as stage
 
     raise typer.Exit(stage.main(["--params", str(params)]))
+
+
+@app.command()
+def lineage(
+    target: Annotated[str, typer.Argument(help="an output path (or, with --impacted, any input path)")],
+    impacted: Annotated[bool, typer.Option("--impacted", help="list what was built from TARGET")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="recompute hashes along TARGET's chain")] = False,
+    rev: Annotated[str | None, typer.Option("--rev", help="read dvc.lock at this git revision")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Trace an output back to the raw bytes it came from (dvc.lock + MLflow runs)."""
+    import json
+
+    from pipeline import lineage as lin
+    from pipeline.files import InputError
+    from pipeline.tracking import tracking_uri
+
+    try:
+        if verify:
+            result: Any = lin.verify(target)
+        elif impacted:
+            result = lin.impacted(target, rev=rev)
+        else:
+            result = lin.trace(target, rev=rev, tracking_uri=tracking_uri(load_config().tracking))
+    except InputError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    elif verify:
+        for p in result:
+            typer.echo(f"CHANGED {p['path']}: recorded {p['recorded']}, now {p['actual']}")
+            for f in p["changed_files"]:
+                typer.echo(f"  file {f}")
+            typer.echo(f"  stale downstream: {', '.join(p['downstream']) or 'none'}")
+        typer.echo(f"{len(result)} mismatch(es)" if result else "verified: every artifact matches dvc.lock")
+    elif impacted:
+        typer.echo(f"built from {result['input']}:")
+        for stage, outs in result["stages"].items():
+            typer.echo(f"  stage {stage} -> {', '.join(outs)}")
+    else:
+        print_chain(result)
+    raise typer.Exit(1 if verify and result else 0)
+
+
+def print_chain(chain: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.tree import Tree
+
+    tree = Tree(f"[bold]{chain['target']}[/] ({chain['rev']})")
+    for stage in chain["stages"]:
+        run = stage["mlflow"] or {}
+        node = tree.add(f"stage [bold]{stage['stage']}[/]  mlflow run {run.get('run_id', '-')}  "
+                        f"git {run.get('git_commit', '-')[:12]}")
+        for out in stage["outs"]:
+            node.add(f"out  {out['path']}  md5 {out['md5']}")
+        for dep in stage["deps"]:
+            node.add(f"dep  {dep['path']}  md5 {dep['md5']}")
+        if stage["params"]:
+            node.add(f"params {', '.join(sorted(stage['params']))}")
+    raw = tree.add("[bold]raw sources[/]")
+    for source in chain["raw_sources"]:
+        raw.add(f"{source['path']}  md5 {source['md5']}  from {source['origin']}")
+    Console().print(tree)
 
 
 @app.command()

@@ -6,6 +6,7 @@ count them.
 
 from __future__ import annotations
 
+import itertools
 import re
 import unicodedata
 
@@ -108,7 +109,7 @@ def is_garbage(run: str) -> bool:
     legacy = [c for c in run if c in LEGACY_HIGH]
     if any(not c.isalpha() and c not in PROSE_PUNCTUATION for c in legacy) or len(legacy) >= 3:
         return True
-    return any(a.islower() and b.isupper() for a, b in zip(run, run[1:]))
+    return any(a.islower() and b.isupper() for a, b in itertools.pairwise(run))
 
 
 def _drop_garbage(match: re.Match[str]) -> str:

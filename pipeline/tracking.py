@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import subprocess
 import time
@@ -43,15 +44,16 @@ def git_state(root: Path = PROJECT_ROOT) -> dict[str, str]:
 
 
 def path_md5(path: Path) -> str:
-    """md5 of a file, or of a directory's sorted `relative-path md5` listing (as a manifest)."""
+    """The md5 that DVC records in dvc.lock: of a file's bytes, or for a directory of the JSON list
+    of its files' {md5, relpath} sorted by path, with a `.dir` suffix."""
     if path.is_file():
         return file_digest(path, "md5")
-    lines = [
-        f"{p.relative_to(path).as_posix()} {file_digest(p, 'md5')}"
-        for p in sorted(path.rglob("*"))
+    entries = [
+        {"md5": file_digest(p, "md5"), "relpath": p.relative_to(path).as_posix()}
+        for p in sorted(path.rglob("*"), key=lambda p: p.relative_to(path).as_posix())
         if p.is_file()
     ]
-    return hashlib.md5("\n".join(lines).encode()).hexdigest()
+    return hashlib.md5(json.dumps(entries).encode()).hexdigest() + ".dir"
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
