@@ -46,6 +46,7 @@ class CleanDoc:
     label: str | None
     where: str
     repairs: tuple[str, ...]
+    split_key: str | None
 
 
 @dataclass
@@ -112,9 +113,10 @@ def document_id(key: str) -> str:
     return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
 
 
-def assign_split(doc_id: str, cfg: Clean) -> str:
-    """Split by a hash of the id alone, so adding documents never moves an existing one."""
-    digest = hashlib.sha256(f"{cfg.split.salt}:{doc_id}".encode()).digest()
+def assign_split(key: str, cfg: Clean) -> str:
+    """Split by a hash of the document's key alone (its page title when it has one, else its id),
+    so adding documents, or a new revision of an article, never moves a document to another split."""
+    digest = hashlib.sha256(f"{cfg.split.salt}:{key}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64
     if u < cfg.split.train:
         return "train"
@@ -149,7 +151,7 @@ def failed_filter(text: str, f: Filters) -> str | None:
 def clean_document(doc: RawDoc) -> CleanDoc:
     text = wikitext_to_text(doc.text) if doc.kind == "wikitext" else doc.text
     text, made = repair(text)
-    return CleanDoc(text, doc.label, doc.where, tuple(made))
+    return CleanDoc(text, doc.label, doc.where, tuple(made), doc.split_key)
 
 
 def _clean_batch(batch: list[RawDoc]) -> list[CleanDoc]:
@@ -222,8 +224,10 @@ def run(cfg: Config, raw_dir: Path, out_dir: Path, metrics_path: Path) -> dict[s
                         continue
                     report.documents_out += 1
                     report.characters_out += len(doc.text)
-                    for column, value in (("id", doc_id), ("source", source.name), ("text", doc.text),
-                                          ("split", assign_split(doc_id, clean_cfg)), ("label", doc.label)):
+                    split = assign_split(doc.split_key or doc_id, clean_cfg)
+                    row = {"id": doc_id, "source": source.name, "text": doc.text, "split": split,
+                           "label": doc.label}
+                    for column, value in row.items():
                         target.rows[column].append(value)
                 progress.update(len(cleaned))
             progress.close()

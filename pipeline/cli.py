@@ -38,6 +38,14 @@ def clean(params: ParamsOption = DEFAULT_PARAMS) -> None:
 
 
 @app.command()
+def tokenize(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Train the BPE tokenizer and encode the token shards (what `dvc repro tokenize` runs)."""
+    from pipeline import tokenize as stage
+
+    raise typer.Exit(stage.main(["--params", str(params)]))
+
+
+@app.command()
 def lineage(
     target: Annotated[str, typer.Argument(help="an output path (or, with --impacted, any input path)")],
     impacted: Annotated[bool, typer.Option("--impacted", help="list what was built from TARGET")] = False,

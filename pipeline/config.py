@@ -127,6 +127,22 @@ class Data(Section):
         return self
 
 
+# ---------------------------------------------------------------- tokenize
+
+
+class Tokenize(Section):
+    """Byte-level BPE trained on the train split, and the token shards it encodes."""
+
+    vocab_size: int = Field(8192, ge=1, le=2**32, description="tokens, special tokens included")
+    min_frequency: int = Field(2, ge=1, description="minimum pair count for a merge")
+    eot_token: str = Field("<|endoftext|>", min_length=1, description="separates documents")
+    pad_token: str = Field("<|pad|>", min_length=1, description="pads labeled examples")
+    tokenizer_file: str | None = Field(None, description="reuse this tokenizer.json instead of training")
+    shard_tokens: int = Field(1_048_576, ge=1024, description="tokens per shard (the last is shorter)")
+    batch_documents: int = Field(256, ge=1, description="documents encoded per encode_batch call")
+    max_length: int = Field(128, ge=2, description="labeled examples are truncated to this many tokens")
+
+
 # ---------------------------------------------------------------- paths and tracking
 
 
@@ -135,6 +151,8 @@ class Paths(Section):
 
     raw: str = "data/raw"
     clean: str = "data/clean"
+    tokenizer: str = "data/tokenizer"
+    tokens: str = "data/tokens"
     metrics: str = "metrics"
 
 
@@ -154,6 +172,7 @@ class Config(Section):
     seed: int = 1337
     paths: Paths = Paths()
     data: Data
+    tokenize: Tokenize = Tokenize()
     tracking: Tracking = Tracking()
 
 

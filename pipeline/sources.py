@@ -36,6 +36,7 @@ class RawDoc:
     label: str | None
     where: str  # file and position, for error messages and the report
     kind: str = "text"  # "wikitext" needs markup stripping; "text" is already prose
+    split_key: str | None = None  # what the split hashes when stabler than the text (a page title)
 
 
 def open_binary(path: Path) -> IO[bytes]:
@@ -104,7 +105,7 @@ def read_mediawiki(path: Path) -> Iterator[RawDoc]:
                     redirect = any(_local(c.tag) == "redirect" for c in elem)
                     text = next((t.text for t in elem.iter() if _local(t.tag) == "text"), None)
                     if ns == "0" and not redirect and text:
-                        yield RawDoc(text, None, f"{path} page '{title}'", kind="wikitext")
+                        yield RawDoc(text, None, f"{path} page '{title}'", "wikitext", f"title:{title}")
                     root.clear()  # keep memory flat: drop every finished page
     except ET.ParseError as exc:
         line, column = exc.position

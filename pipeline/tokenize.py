@@ -1,0 +1,232 @@
+"""Tokenize stage: a byte-level BPE trained on the train split, the corpus encoded into token shards,
+and the labeled set encoded for classification.
+
+Outputs:
+- `paths.tokenizer/tokenizer.json`: loads with `tokenizers.Tokenizer.from_file` and with
+  `transformers.PreTrainedTokenizerFast(tokenizer_file=...)`, giving the same ids;
+- `paths.tokens/<split>/<split>-NNNNN.arrow`: fixed-size shards (see `pipeline/shards.py`);
+- `paths.tokens/labeled/<split>.arrow`: `ids` (list of ids, truncated) and `label` (int) per example,
+  with `labels.json` mapping label names to ints (from the train split, sorted);
+- `paths.tokens/manifest.json` (every shard's sha256, tokens, documents, dtype; totals) and
+  `metrics/tokenize.json` (tokens per split, bytes per token, vocabulary size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+
+from pipeline.config import PROJECT_ROOT, Config, ConfigError, Tokenize, load_config
+from pipeline.files import InputError, atomic_dir, file_digest, write_json
+from pipeline.shards import MANIFEST, write_shard
+
+SPLITS = ("train", "val", "test")
+BYTE_ALPHABET = 256
+CORPUS_FILE = "corpus.parquet"
+LABELED_FILE = "labeled.parquet"
+READ_BATCH = 1024
+
+
+def read_texts(path: Path, split: str, batch: int = READ_BATCH) -> Iterator[list[str]]:
+    """The texts of one split, streamed in file order, a batch at a time."""
+    table = pq.ParquetFile(path)
+    for record_batch in table.iter_batches(columns=["text", "split"], batch_size=batch):
+        texts, splits = record_batch.column(0).to_pylist(), record_batch.column(1).to_pylist()
+        chosen = [t for t, s in zip(texts, splits, strict=True) if s == split]
+        if chosen:
+            yield chosen
+
+
+def train_tokenizer(corpus: Path, cfg: Tokenize) -> Tokenizer:
+    """Byte-level BPE on the train split only; no normaliser, so decoding gives the text back exactly."""
+    specials = [cfg.eot_token, cfg.pad_token]
+    if cfg.vocab_size < BYTE_ALPHABET + len(specials):
+        raise InputError(
+            f"tokenize.vocab_size {cfg.vocab_size} is too small: the byte alphabet ({BYTE_ALPHABET}) "
+            f"plus {len(specials)} special tokens need at least {BYTE_ALPHABET + len(specials)}"
+        )
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    texts = (t for batch in read_texts(corpus, "train") for t in batch)
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
+def load_tokenizer(path: Path, cfg: Tokenize) -> Tokenizer:
+    if not path.exists():
+        raise InputError(f"{path}: tokenizer file not found (tokenize.tokenizer_file)")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for unparsable files
+        raise InputError(f"{path}: not a tokenizer.json that tokenizers can load: {exc}") from None
+    for token in (cfg.eot_token, cfg.pad_token):
+        if tokenizer.token_to_id(token) is None:
+            raise InputError(f"{path}: the tokenizer has no '{token}' token")
+    return tokenizer
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def encode_split(
+    tokenizer: Tokenizer, corpus: Path, split: str, out_dir: Path, cfg: Tokenize, dtype: np.dtype
+) -> list[dict[str, Any]]:
+    """Encode one split into fixed-size shards, streaming; returns the manifest entries."""
+    eot = tokenizer.token_to_id(cfg.eot_token)
+    (out_dir / split).mkdir(parents=True)
+    shards: list[dict[str, Any]] = []
+    pending: list[np.ndarray] = []
+    pending_tokens = 0
+
+    def flush(tokens: np.ndarray) -> None:
+        name = f"{split}/{split}-{len(shards):05d}.arrow"
+        write_shard(out_dir / name, tokens)
+        shards.append({"split": split, "file": name, "sha256": file_digest(out_dir / name),
+                       "tokens": len(tokens), "documents": int(np.count_nonzero(tokens == eot)),
+                       "dtype": dtype.name})
+
+    progress = tqdm(desc=f"tokenize {split}", unit="doc", disable=None, file=sys.stderr)
+    for texts in read_texts(corpus, split, cfg.batch_documents):
+        encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+        for encoding in encodings:
+            pending.append(np.asarray(encoding.ids, dtype=dtype))
+            pending.append(np.asarray([eot], dtype=dtype))
+            pending_tokens += len(encoding.ids) + 1
+        while pending_tokens >= cfg.shard_tokens:
+            joined = np.concatenate(pending)
+            flush(joined[: cfg.shard_tokens])
+            pending, pending_tokens = [joined[cfg.shard_tokens :]], len(joined) - cfg.shard_tokens
+        progress.update(len(texts))
+    progress.close()
+    if pending_tokens:
+        flush(np.concatenate(pending))
+    if not shards:
+        raise InputError(f"{corpus}: split '{split}' holds no documents")
+    return shards
+
+
+def encode_labeled(tokenizer: Tokenizer, labeled: Path, out_dir: Path, cfg: Tokenize) -> dict[str, Any]:
+    """Ids per example (truncated at max_length) and integer labels, one Arrow file per split."""
+    table = pq.read_table(labeled, columns=["text", "split", "label"]).to_pydict()
+    train_labels = {lab for lab, s in zip(table["label"], table["split"], strict=True) if s == "train"}
+    if not train_labels:
+        raise InputError(f"{labeled}: the labeled set has no train examples")
+    mapping = {name: i for i, name in enumerate(sorted(train_labels))}
+    (out_dir / "labeled").mkdir()
+    write_json(out_dir / "labeled" / "labels.json", mapping)
+    summary: dict[str, Any] = {"labels": mapping, "splits": {}}
+    for split in SPLITS:
+        rows = [i for i, s in enumerate(table["split"]) if s == split]
+        unseen = sorted({table["label"][i] for i in rows} - train_labels)
+        if unseen:
+            raise InputError(f"{labeled}: labels {unseen} appear in {split} but never in train")
+        encodings = tokenizer.encode_batch([table["text"][i] for i in rows], add_special_tokens=False)
+        ids = [e.ids[: cfg.max_length] for e in encodings]
+        labels = [mapping[table["label"][i]] for i in rows]
+        dtype = pa.uint16() if tokenizer.get_vocab_size() <= 2**16 else pa.uint32()
+        batch = pa.record_batch([pa.array(ids, type=pa.list_(dtype)), pa.array(labels, type=pa.int32())],
+                                names=["ids", "label"])
+        with pa.OSFile(str(out_dir / "labeled" / f"{split}.arrow"), "wb") as sink, \
+                pa.ipc.new_file(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+        summary["splits"][split] = {
+            "examples": len(rows), "truncated": sum(len(e.ids) > cfg.max_length for e in encodings),
+        }
+    return summary
+
+
+def run(
+    cfg: Config, clean_dir: Path, tokenizer_dir: Path, tokens_dir: Path, metrics_path: Path
+) -> dict[str, Any]:
+    """Train (or load) the tokenizer and encode every split; returns the metrics written."""
+    tok_cfg = cfg.tokenize
+    started = time.perf_counter()
+    corpus, labeled = clean_dir / CORPUS_FILE, clean_dir / LABELED_FILE
+    for path in (corpus, labeled):
+        if not path.exists():
+            raise InputError(f"{path}: clean output not found (run the clean stage)")
+    if tok_cfg.tokenizer_file:
+        tokenizer = load_tokenizer(PROJECT_ROOT / tok_cfg.tokenizer_file, tok_cfg)
+    else:
+        tokenizer = train_tokenizer(corpus, tok_cfg)
+    vocab_size = tokenizer.get_vocab_size()
+    dtype = token_dtype(vocab_size)
+    with atomic_dir(tokenizer_dir) as tok_tmp, atomic_dir(tokens_dir) as tmp:
+        tokenizer.save(str(tok_tmp / "tokenizer.json"))
+        shards = [s for split in SPLITS for s in encode_split(tokenizer, corpus, split, tmp, tok_cfg, dtype)]
+        labeled_summary = encode_labeled(tokenizer, labeled, tmp, tok_cfg)
+        totals = {
+            split: {"tokens": sum(s["tokens"] for s in shards if s["split"] == split),
+                    "documents": sum(s["documents"] for s in shards if s["split"] == split),
+                    "shards": sum(s["split"] == split for s in shards)}
+            for split in SPLITS
+        }
+        manifest = {
+            "tokenizer_sha256": file_digest(tok_tmp / "tokenizer.json"),
+            "vocab_size": vocab_size, "dtype": dtype.name, "shard_tokens": tok_cfg.shard_tokens,
+            "eot_id": tokenizer.token_to_id(tok_cfg.eot_token),
+            "pad_id": tokenizer.token_to_id(tok_cfg.pad_token),
+            "shards": shards, "totals": totals, "labeled": labeled_summary,
+        }
+        write_json(tmp / MANIFEST, manifest)
+    text_bytes = {s: sum(len(t.encode()) for b in read_texts(corpus, s) for t in b) for s in SPLITS}
+    text_tokens = {s: totals[s]["tokens"] - totals[s]["documents"] for s in SPLITS}  # without EOT
+    metrics = {
+        "vocab_size": vocab_size,
+        "tokens": {split: totals[split]["tokens"] for split in SPLITS},
+        "documents": {split: totals[split]["documents"] for split in SPLITS},
+        "bytes_per_token": {s: round(text_bytes[s] / max(text_tokens[s], 1), 4) for s in SPLITS},
+        "labeled_examples": {s: v["examples"] for s, v in labeled_summary["splits"].items()},
+        "labeled_truncated": {s: v["truncated"] for s, v in labeled_summary["splits"].items()},
+    }
+    write_json(metrics_path, metrics)
+    metrics["seconds"] = round(time.perf_counter() - started, 2)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tokenize", description=__doc__.split("\n")[0])
+    parser.add_argument("--params", type=Path, default=PROJECT_ROOT / "params.yaml", help="params file")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    from pipeline import tracking
+
+    try:
+        cfg = load_config(args.params)
+        clean_dir = PROJECT_ROOT / cfg.paths.clean
+        tokenizer_dir, tokens_dir = PROJECT_ROOT / cfg.paths.tokenizer, PROJECT_ROOT / cfg.paths.tokens
+        metrics_path = PROJECT_ROOT / cfg.paths.metrics / "tokenize.json"
+        outputs = {"tokenizer": tokenizer_dir, "tokens": tokens_dir}
+        with tracking.stage_run("tokenize", cfg.tracking, cfg.tokenize.model_dump(), {"clean": clean_dir},
+                                outputs) as run_log:
+            metrics = run(cfg, clean_dir, tokenizer_dir, tokens_dir, metrics_path)
+            run_log.log_metrics(tracking.numeric_leaves(metrics))
+            run_log.log_artifact(tokenizer_dir / "tokenizer.json", "tokenizer")
+            run_log.log_artifact(tokens_dir / MANIFEST, "tokens")
+    except (InputError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"tokenize: vocab {metrics['vocab_size']}, tokens {metrics['tokens']}, "
+          f"{metrics['seconds']} s -> {tokens_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
