@@ -10,12 +10,14 @@ split sizes and the label distribution per split.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import multiprocessing
 import os
 import re
 import sys
 import time
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -47,6 +49,8 @@ class CleanDoc:
     where: str
     repairs: tuple[str, ...]
     split_key: str | None
+    key: str  # the normalised text dedup compares
+    signature: np.ndarray | None  # its MinHash, when near-dedup is on
 
 
 @dataclass
@@ -67,26 +71,20 @@ class OutputSet:
     rows: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
     seen_keys: set[str] = field(default_factory=set)
     lsh: MinHashLSH | None = None
-    permutations: tuple[np.ndarray, np.ndarray] | None = None
-    scheme: str | None = None
 
     def __post_init__(self) -> None:
         if self.dedup.near:
             self.lsh = MinHashLSH(threshold=self.dedup.threshold, num_perm=self.dedup.num_perm)
-            template = MinHash(num_perm=self.dedup.num_perm, seed=self.dedup.seed)
-            self.permutations, self.scheme = template.permutations, template.scheme
 
-    def duplicate_of_earlier(self, key: str, doc_id: str) -> str | None:
+    def duplicate_of_earlier(self, doc: CleanDoc, doc_id: str) -> str | None:
         """'exact_duplicate', 'near_duplicate' or None (and remember the document when new)."""
-        if self.dedup.exact and key in self.seen_keys:
+        if self.dedup.exact and doc.key in self.seen_keys:
             return "exact_duplicate"
-        self.seen_keys.add(key)
-        if self.lsh is None:
+        self.seen_keys.add(doc.key)
+        if self.lsh is None or doc.signature is None:
             return None
-        minhash = MinHash(
-            num_perm=self.dedup.num_perm, permutations=self.permutations, scheme=self.scheme
-        )
-        minhash.update_batch([s.encode() for s in shingles(key, self.dedup.shingle_words)])
+        _, scheme = minhash_template(self.dedup.num_perm, self.dedup.seed)
+        minhash = MinHash(num_perm=self.dedup.num_perm, hashvalues=doc.signature, scheme=scheme)
         if self.lsh.query(minhash):
             return "near_duplicate"
         self.lsh.insert(doc_id, minhash, check_duplication=False)
@@ -106,6 +104,24 @@ def shingles(key: str, size: int) -> set[str]:
     if len(words) <= size:
         return {key}
     return {" ".join(words[i : i + size]) for i in range(len(words) - size + 1)}
+
+
+def crc32_hash(data: bytes) -> int:
+    return zlib.crc32(data)  # deterministic across processes, and far cheaper than sha1
+
+
+@functools.cache
+def minhash_template(num_perm: int, seed: int) -> tuple[Any, str]:
+    """The permutations (and their scheme) every MinHash of one dedup config shares."""
+    template = MinHash(num_perm=num_perm, seed=seed)
+    return template.permutations, template.scheme
+
+
+def minhash_signature(key: str, dedup: Dedup) -> np.ndarray:
+    permutations, scheme = minhash_template(dedup.num_perm, dedup.seed)
+    minhash = MinHash(num_perm=dedup.num_perm, permutations=permutations, scheme=scheme, hashfunc=crc32_hash)
+    minhash.update_batch([s.encode() for s in shingles(key, dedup.shingle_words)])
+    return minhash.hashvalues
 
 
 def document_id(key: str) -> str:
@@ -138,9 +154,9 @@ def failed_filter(text: str, f: Filters) -> str | None:
         return "max_chars"
     if len(text.split()) < f.min_words:
         return "min_words"
-    visible = [c for c in text if not c.isspace()]
-    nonletter = sum(1 for c in visible if not c.isalpha())
-    if visible and nonletter / len(visible) > f.max_nonletter_ratio:
+    visible = len(text) - sum(map(str.isspace, text))
+    nonletter = visible - sum(map(str.isalpha, text))
+    if visible and nonletter / visible > f.max_nonletter_ratio:
         return "max_nonletter_ratio"
     lines = [ln for ln in text.split("\n") if ln.strip()]
     if len(lines) > 1 and (len(lines) - len(set(lines))) / len(lines) > f.max_repeated_line_ratio:
@@ -148,14 +164,17 @@ def failed_filter(text: str, f: Filters) -> str | None:
     return None
 
 
-def clean_document(doc: RawDoc) -> CleanDoc:
+def clean_document(doc: RawDoc, dedup: Dedup | None = None) -> CleanDoc:
+    """Everything done to one document on its own (in a worker): prose, repairs, dedup key, MinHash."""
     text = wikitext_to_text(doc.text) if doc.kind == "wikitext" else doc.text
     text, made = repair(text)
-    return CleanDoc(text, doc.label, doc.where, tuple(made), doc.split_key)
+    key = normalized_key(text)
+    signature = minhash_signature(key, dedup) if dedup is not None and dedup.near else None
+    return CleanDoc(text, doc.label, doc.where, tuple(made), doc.split_key, key, signature)
 
 
-def _clean_batch(batch: list[RawDoc]) -> list[CleanDoc]:
-    return [clean_document(d) for d in batch]
+def _clean_batch(batch: list[RawDoc], dedup: Dedup) -> list[CleanDoc]:
+    return [clean_document(d, dedup) for d in batch]
 
 
 def batched(items: Iterable[RawDoc], size: int) -> Iterator[list[RawDoc]]:
@@ -210,15 +229,14 @@ def run(cfg: Config, raw_dir: Path, out_dir: Path, metrics_path: Path) -> dict[s
             filters = effective_filters(source, clean_cfg.filters)
             batches = batched(read_all(source, raw_dir, report), clean_cfg.batch_pages)
             progress = tqdm(desc=f"clean {source.name}", unit="doc", disable=None, file=sys.stderr)
-            for cleaned in pool.imap(_clean_batch, batches):
+            for cleaned in pool.imap(functools.partial(_clean_batch, dedup=clean_cfg.dedup), batches):
                 for doc in cleaned:
                     report.documents_in += 1
                     report.repairs.update(doc.repairs)
                     reason = "missing_label" if source.labeled and doc.label is None else None
                     reason = reason or failed_filter(doc.text, filters)
-                    key = normalized_key(doc.text)
-                    doc_id = document_id(key)
-                    reason = reason or target.duplicate_of_earlier(key, doc_id)
+                    doc_id = document_id(doc.key)
+                    reason = reason or target.duplicate_of_earlier(doc, doc_id)
                     if reason:
                         report.removed[reason] += 1
                         continue

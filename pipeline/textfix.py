@@ -31,6 +31,12 @@ DROPPED_LINK_PREFIX = re.compile(
     r"^\s*:?\s*(file|image|media|category|[a-z]{2,3}(-[a-z]{2,8})?|wikt|wiktionary|commons|s|q)\s*:",
     re.IGNORECASE,
 )
+STYLE_QUOTES = re.compile(r"'{2,}")
+COMMENT = re.compile(r"<!--.*?(-->|$)", re.DOTALL)
+REF_TAG = re.compile(r"<ref\b[^>]*?/>|<ref\b[^>]*>.*?</ref\s*>", re.DOTALL | re.IGNORECASE)
+TEMPLATE_TOKEN = re.compile(r"\{\{|\}\}")
+TABLE_TOKEN = re.compile(r"^[ \t]*\{\||^[ \t]*\|\}", re.MULTILINE)
+MEDIA_LINK_START = re.compile(r"\[\[\s*:?\s*(file|image|media)\s*:", re.IGNORECASE)
 DROPPED_TAGS = frozenset(
     {"ref", "references", "table", "gallery", "math", "chem", "score", "timeline", "imagemap",
      "syntaxhighlight", "source", "pre", "nowiki", "templatedata", "graph", "mapframe", "hiero"}
@@ -53,6 +59,9 @@ _LEGACY_HIGH = "".join(
 NON_ASCII_RUN = re.compile(r"_*[^\x00-\x7f\s](?:_*[^\x00-\x7f\s])*_*")
 LEGACY_HIGH = frozenset(_LEGACY_HIGH)
 PROSE_PUNCTUATION = frozenset("–—‘’‚“”„…•·°«»‹›")
+# Mojibake always puts a legacy-high character right before another non-ASCII one: a cheap scan
+# for that pair decides whether ftfy's (much slower) badness check needs to run at all.
+MOJIBAKE_HINT = re.compile(f"[{re.escape(_LEGACY_HIGH)}][^\\x00-\\x7f]")
 HTML_ENTITY = re.compile(r"&(#\d+|#x[0-9a-fA-F]+|[a-zA-Z]+);")
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\ufeff\ufffd]")
 SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]+")
@@ -89,9 +98,64 @@ def _plain(code: Wikicode) -> str:
     return "".join(parts)
 
 
+def drop_balanced(text: str, tokens: re.Pattern[str], opener: str) -> str:
+    """Remove every outermost span between an opener and its matching closer (nesting counted)."""
+    parts: list[str] = []
+    depth, keep_from, start = 0, 0, 0
+    for match in tokens.finditer(text):
+        if match.group() == opener:
+            if depth == 0:
+                start = match.start()
+            depth += 1
+        elif depth > 0:
+            depth -= 1
+            if depth == 0:
+                parts.append(text[keep_from:start])
+                keep_from = match.end()
+    parts.append(text[keep_from:] if depth == 0 else text[keep_from:start])
+    return "".join(parts)
+
+
+def drop_unwanted_markup(wikitext: str) -> str:
+    """Cut what the prose never keeps (comments, references, templates, tables, media links) before
+    parsing: the parser then builds a far smaller tree, and broken markup inside those spans (an
+    unbalanced quote in a caption) can no longer derail the parse of what follows."""
+    text = COMMENT.sub("", wikitext)
+    text = REF_TAG.sub("", text)
+    text = drop_balanced(text, TEMPLATE_TOKEN, "{{")
+    text = drop_balanced(text, TABLE_TOKEN, "{|")
+    return drop_media_links(text)
+
+
+def drop_media_links(wikitext: str) -> str:
+    """Remove [[File:...]] / [[Image:...]] blocks, nested links in captions included, before parsing:
+    a caption with unbalanced bold/italic quotes makes the parser give up on the whole link."""
+    parts: list[str] = []
+    position = 0
+    for match in MEDIA_LINK_START.finditer(wikitext):
+        if match.start() < position:
+            continue  # inside a block already removed
+        depth, i = 0, match.start()
+        while i < len(wikitext) - 1:
+            pair = wikitext[i : i + 2]
+            if pair in ("[[", "]]"):
+                depth += 1 if pair == "[[" else -1
+                i += 2
+                if depth == 0:
+                    break
+            else:
+                i += 1
+        parts.append(wikitext[position : match.start()])
+        position = i
+    parts.append(wikitext[position:])
+    return "".join(parts)
+
+
 def wikitext_to_text(wikitext: str) -> str:
     """Plain prose from wikitext: links become their text, headings stay as lines, the rest goes."""
-    text = _plain(mwparserfromhell.parse(wikitext))
+    # Bold/italic quotes are left as text (parsing them builds many nodes) and removed here.
+    code = mwparserfromhell.parse(drop_unwanted_markup(wikitext), skip_style_tags=True)
+    text = STYLE_QUOTES.sub("", _plain(code))
     lines = [ln for ln in text.split("\n") if not MARKUP_LEFTOVER_LINE.match(ln)]
     return normalize_whitespace(MARKUP_LEFTOVER.sub("", "\n".join(lines)))
 
@@ -123,7 +187,7 @@ def _drop_garbage(match: re.Match[str]) -> str:
 def repair(text: str) -> tuple[str, list[str]]:
     """Fix what is recoverable (ftfy), drop garbage that is not, normalise; name each repair made."""
     made: list[str] = []
-    if is_bad(text) or HTML_ENTITY.search(text):
+    if (MOJIBAKE_HINT.search(text) and is_bad(text)) or HTML_ENTITY.search(text):
         fixed = ftfy.fix_text(text, normalization="NFC", uncurl_quotes=False)
         if fixed != text:
             made.append("mojibake_fixed")
@@ -146,4 +210,4 @@ def repair(text: str) -> tuple[str, list[str]]:
 def has_mojibake(text: str) -> bool:
     """Whether text still looks like mojibake or carries control characters (for the report)."""
     garbage = any(is_garbage(m.group()) for m in NON_ASCII_RUN.finditer(text))
-    return bool(garbage or is_bad(text) or CONTROL_CHARS.search(text))
+    return bool(garbage or (MOJIBAKE_HINT.search(text) and is_bad(text)) or CONTROL_CHARS.search(text))

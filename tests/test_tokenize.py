@@ -201,7 +201,7 @@ def test_tampered_shard_is_refused(tokenized: tuple[Path, dict[str, Any]], tmp_p
     data = bytearray(shard.read_bytes())
     data[-200] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(InputError, match="val-00000.arrow: sha256 does not match"):
+    with pytest.raises(InputError, match=r"val-00000\.arrow: sha256 does not match"):
         TokenShards(copy_dir, "val")
 
 
