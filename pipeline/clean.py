@@ -282,7 +282,8 @@ def run(cfg: Config, raw_dir: Path, out_dir: Path, metrics_path: Path) -> dict[s
     with atomic_dir(out_dir) as tmp:
         for name, filename in (("corpus", CORPUS_FILE), ("labeled", LABELED_FILE)):
             labeled = name == "labeled"
-            pq.write_table(to_table(sets[name].rows, labeled), tmp / filename, compression="zstd")
+            pq.write_table(to_table(sets[name].rows, labeled), tmp / filename, compression="zstd",
+                           row_group_size=clean_cfg.row_group_rows)
     write_json(metrics_path, metrics)
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     return metrics

@@ -112,6 +112,9 @@ class Clean(Section):
     split: Split = Split()
     workers: int = Field(0, ge=0, description="processes for wikitext parsing; 0 = all cores")
     batch_pages: int = Field(64, ge=1, description="pages handed to a worker at a time")
+    row_group_rows: int = Field(
+        1024, ge=1, description="Parquet rows per row group: readers hold one group in memory at a time"
+    )
 
 
 class Data(Section):

@@ -85,41 +85,66 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def encode_split(
-    tokenizer: Tokenizer, corpus: Path, split: str, out_dir: Path, cfg: Tokenize, dtype: np.dtype
-) -> list[dict[str, Any]]:
-    """Encode one split into fixed-size shards, streaming; returns the manifest entries."""
-    eot = tokenizer.token_to_id(cfg.eot_token)
-    (out_dir / split).mkdir(parents=True)
-    shards: list[dict[str, Any]] = []
-    pending: list[np.ndarray] = []
-    pending_tokens = 0
+class ShardWriter:
+    """Appends documents of one split and writes a shard every `shard_tokens` tokens."""
 
-    def flush(tokens: np.ndarray) -> None:
-        name = f"{split}/{split}-{len(shards):05d}.arrow"
-        write_shard(out_dir / name, tokens)
-        shards.append({"split": split, "file": name, "sha256": file_digest(out_dir / name),
-                       "tokens": len(tokens), "documents": int(np.count_nonzero(tokens == eot)),
-                       "dtype": dtype.name})
+    def __init__(self, out_dir: Path, split: str, eot: int, cfg: Tokenize, dtype: np.dtype) -> None:
+        self.out_dir, self.split, self.eot, self.cfg, self.dtype = out_dir, split, eot, cfg, dtype
+        (out_dir / split).mkdir(parents=True)
+        self.shards: list[dict[str, Any]] = []
+        self.pending: list[np.ndarray] = []
+        self.pending_tokens = 0
+        self.text_bytes = 0
 
-    progress = tqdm(desc=f"tokenize {split}", unit="doc", disable=None, file=sys.stderr)
-    for texts in read_texts(corpus, split, cfg.batch_documents):
-        encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+    def add(self, texts: list[str], encodings: list[Any]) -> None:
+        self.text_bytes += sum(len(t.encode()) for t in texts)
+        end = np.asarray([self.eot], dtype=self.dtype)
         for encoding in encodings:
-            pending.append(np.asarray(encoding.ids, dtype=dtype))
-            pending.append(np.asarray([eot], dtype=dtype))
-            pending_tokens += len(encoding.ids) + 1
-        while pending_tokens >= cfg.shard_tokens:
-            joined = np.concatenate(pending)
-            flush(joined[: cfg.shard_tokens])
-            pending, pending_tokens = [joined[cfg.shard_tokens :]], len(joined) - cfg.shard_tokens
+            self.pending += [np.asarray(encoding.ids, dtype=self.dtype), end]
+            self.pending_tokens += len(encoding.ids) + 1
+        while self.pending_tokens >= self.cfg.shard_tokens:
+            joined = np.concatenate(self.pending)
+            self.flush(joined[: self.cfg.shard_tokens])
+            self.pending = [joined[self.cfg.shard_tokens :]]
+            self.pending_tokens = len(joined) - self.cfg.shard_tokens
+
+    def flush(self, tokens: np.ndarray) -> None:
+        name = f"{self.split}/{self.split}-{len(self.shards):05d}.arrow"
+        write_shard(self.out_dir / name, tokens)
+        self.shards.append({
+            "split": self.split, "file": name, "sha256": file_digest(self.out_dir / name),
+            "tokens": len(tokens), "documents": int(np.count_nonzero(tokens == self.eot)),
+            "dtype": self.dtype.name,
+        })
+
+    def close(self, corpus: Path) -> list[dict[str, Any]]:
+        if self.pending_tokens:
+            self.flush(np.concatenate(self.pending))
+        if not self.shards:
+            raise InputError(f"{corpus}: split '{self.split}' holds no documents")
+        return self.shards
+
+
+def encode_corpus(
+    tokenizer: Tokenizer, corpus: Path, out_dir: Path, cfg: Tokenize, dtype: np.dtype
+) -> dict[str, ShardWriter]:
+    """One streaming pass over the corpus, every split into its own fixed-size shards."""
+    eot = tokenizer.token_to_id(cfg.eot_token)
+    writers = {split: ShardWriter(out_dir, split, eot, cfg, dtype) for split in SPLITS}
+    progress = tqdm(desc="tokenize", unit="doc", disable=None, file=sys.stderr)
+    batches = pq.ParquetFile(corpus).iter_batches(columns=["text", "split"], batch_size=cfg.batch_documents)
+    for batch in batches:
+        texts, splits = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+        encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+        for split, writer in writers.items():
+            chosen = [i for i, s in enumerate(splits) if s == split]
+            if chosen:
+                writer.add([texts[i] for i in chosen], [encodings[i] for i in chosen])
         progress.update(len(texts))
     progress.close()
-    if pending_tokens:
-        flush(np.concatenate(pending))
-    if not shards:
-        raise InputError(f"{corpus}: split '{split}' holds no documents")
-    return shards
+    for writer in writers.values():
+        writer.close(corpus)
+    return writers
 
 
 def encode_labeled(tokenizer: Tokenizer, labeled: Path, out_dir: Path, cfg: Tokenize) -> dict[str, Any]:
@@ -170,7 +195,9 @@ def run(
     dtype = token_dtype(vocab_size)
     with atomic_dir(tokenizer_dir) as tok_tmp, atomic_dir(tokens_dir) as tmp:
         tokenizer.save(str(tok_tmp / "tokenizer.json"))
-        shards = [s for split in SPLITS for s in encode_split(tokenizer, corpus, split, tmp, tok_cfg, dtype)]
+        writers = encode_corpus(tokenizer, corpus, tmp, tok_cfg, dtype)
+        shards = [shard for split in SPLITS for shard in writers[split].shards]
+        text_bytes = {split: writers[split].text_bytes for split in SPLITS}
         labeled_summary = encode_labeled(tokenizer, labeled, tmp, tok_cfg)
         totals = {
             split: {"tokens": sum(s["tokens"] for s in shards if s["split"] == split),
@@ -186,7 +213,6 @@ def run(
             "shards": shards, "totals": totals, "labeled": labeled_summary,
         }
         write_json(tmp / MANIFEST, manifest)
-    text_bytes = {s: sum(len(t.encode()) for b in read_texts(corpus, s) for t in b) for s in SPLITS}
     text_tokens = {s: totals[s]["tokens"] - totals[s]["documents"] for s in SPLITS}  # without EOT
     metrics = {
         "vocab_size": vocab_size,
