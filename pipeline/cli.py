@@ -46,6 +46,35 @@ def tokenize(params: ParamsOption = DEFAULT_PARAMS) -> None:
 
 
 @app.command()
+def generate(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="a model directory (data/lm)")],
+    prompt: Annotated[str, typer.Option("--prompt", help="text to continue")] = "",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 100,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.8,
+    top_k: Annotated[int | None, typer.Option("--top-k", min=1)] = 50,
+    top_p: Annotated[float | None, typer.Option("--top-p", min=0.0, max=1.0)] = None,
+    seed: Annotated[int, typer.Option(help="same seed, same text")] = 0,
+) -> None:
+    """Sample a continuation of PROMPT from a pretrained model."""
+    from pipeline.files import InputError
+    from pipeline.generate import generate as sample_text
+
+    try:
+        typer.echo(sample_text(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed))
+    except InputError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def pretrain(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Train the language model (what `dvc repro pretrain` runs; use torchrun for several processes)."""
+    from pipeline import pretrain as stage
+
+    raise typer.Exit(stage.main(["--params", str(params)]))
+
+
+@app.command()
 def lineage(
     target: Annotated[str, typer.Argument(help="an output path (or, with --impacted, any input path)")],
     impacted: Annotated[bool, typer.Option("--impacted", help="list what was built from TARGET")] = False,

@@ -146,6 +146,43 @@ class Tokenize(Section):
     max_length: int = Field(128, ge=2, description="labeled examples are truncated to this many tokens")
 
 
+# ---------------------------------------------------------------- pretrain
+
+
+class Model(Section):
+    """The language model's shape; `arch` picks the GPT decoder or a recurrent baseline."""
+
+    arch: Literal["gpt", "lstm", "gru"] = "gpt"
+    context: int = Field(128, ge=2, description="tokens per training window")
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1, description="attention heads (gpt only)")
+    n_embd: int = Field(192, ge=8, description="model width")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    bias: bool = Field(False, description="biases in linear layers and norms (gpt only)")
+    positions: Literal["learned", "rotary"] = "learned"
+
+
+class Pretrain(Section):
+    model: Model = Model()
+    batch_size: int = Field(16, ge=1, description="windows per micro-batch, per process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_steps: int = Field(600, ge=1, description="optimizer steps")
+    learning_rate: float = Field(3e-3, gt=0)
+    min_learning_rate: float = Field(3e-4, ge=0, description="end of the cosine decay")
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.1, ge=0, description="applied to matrices only")
+    beta1: float = Field(0.9, gt=0, lt=1)
+    beta2: float = Field(0.99, gt=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 = off")
+    eval_every: int = Field(100, ge=1, description="steps between validations")
+    eval_windows: int = Field(64, ge=1, description="fixed val windows per validation")
+    patience: int = Field(5, ge=1, description="validations without improvement before stopping")
+    checkpoint_every: int = Field(100, ge=1, description="steps between resumable checkpoints")
+    resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the last checkpoint")
+    compile: bool = Field(False, description="torch.compile the model")
+    seed: int = 1337
+
+
 # ---------------------------------------------------------------- paths and tracking
 
 
@@ -156,6 +193,8 @@ class Paths(Section):
     clean: str = "data/clean"
     tokenizer: str = "data/tokenizer"
     tokens: str = "data/tokens"
+    lm: str = "data/lm"
+    checkpoints: str = "checkpoints/pretrain"
     metrics: str = "metrics"
 
 
@@ -176,6 +215,7 @@ class Config(Section):
     paths: Paths = Paths()
     data: Data
     tokenize: Tokenize = Tokenize()
+    pretrain: Pretrain = Pretrain()
     tracking: Tracking = Tracking()
 
 

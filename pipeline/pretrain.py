@@ -1,0 +1,303 @@
+"""Pretrain stage: a GPT (or LSTM/GRU) language model on random windows of the train shards.
+
+AdamW (weight decay on matrices only: not on biases, norm gains or the token/position embeddings,
+which the output head shares), linear warmup then cosine decay, gradient clipping and accumulation,
+early stopping on validation loss. fp32 on CPU, bf16 autocast and TF32 on CUDA. Launched with
+`torchrun --nproc_per_node=N` it trains with DistributedDataParallel (NCCL on GPUs, gloo on CPU);
+each rank reads different windows and only rank 0 writes.
+
+Resumable exactly: every `checkpoint_every` steps the weights (safetensors) and a training state
+(optimizer, step, RNG, early-stopping state; the sampler's position is the step) are written
+atomically to `paths.checkpoints`; `resume: auto` continues from there when the run's fingerprint
+(params and tokenizer) matches, so a killed run finishes with the same weights as an unbroken one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from pipeline.checkpoint import STATE, load_model, load_state, save_model, save_state
+from pipeline.config import PROJECT_ROOT, Config, ConfigError, Pretrain, load_config
+from pipeline.files import InputError, write_json
+from pipeline.models import build_model
+from pipeline.shards import TokenShards, WindowPosition, read_manifest
+
+# Dense bf16 peak FLOP/s by device name (vendor datasheets); a CPU's peak is measured instead.
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the last good checkpoint stays."""
+
+
+def lr_at(step: int, cfg: Pretrain) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.min_learning_rate + cosine * (cfg.learning_rate - cfg.min_learning_rate)
+
+
+def optimizer_for(model: nn.Module, cfg: Pretrain) -> torch.optim.AdamW:
+    """Decay matrices only; embeddings (and the head tied to them), biases and norms are exempt."""
+    decay, exempt = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and not name.startswith(("wte.", "wpe.")) else exempt).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": exempt, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+
+
+def model_config(cfg: Pretrain, vocab_size: int) -> dict[str, Any]:
+    m = cfg.model
+    shape = {"arch": m.arch, "vocab_size": vocab_size, "context": m.context, "n_layer": m.n_layer,
+             "n_embd": m.n_embd, "dropout": m.dropout}
+    if m.arch == "gpt":
+        shape.update(n_head=m.n_head, bias=m.bias, positions=m.positions)
+    return shape
+
+
+def fingerprint(cfg: Pretrain, tokenizer_sha256: str) -> str:
+    """What a checkpoint must match to be resumed: the params (bar resume itself) and the data."""
+    params = cfg.model_dump(exclude={"resume"})
+    return hashlib.sha256(json.dumps([params, tokenizer_sha256], sort_keys=True).encode()).hexdigest()
+
+
+def peak_flops(device: torch.device) -> float:
+    """The device's peak: a datasheet figure for known GPUs, a measured fp32 matmul on CPU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), 0.0)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    started, reps = time.perf_counter(), 8
+    for _ in range(reps):
+        a @ b
+    return reps * 2 * 1024**3 / (time.perf_counter() - started)
+
+
+def distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device), joining the process group when launched by torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return rank, dist.get_world_size(), device
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()  # bf16 on CPU is ~100x slower than fp32 here
+
+
+def batch_loss(model: nn.Module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    with autocast(device):
+        logits = model(batch[:, :-1])
+    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, windows: np.ndarray, batch_size: int, device: torch.device) -> float:
+    """Mean next-token loss (nats) over fixed windows; every target counted once."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        batch = torch.from_numpy(windows[i : i + batch_size]).to(device)
+        total += batch_loss(model, batch, device).item() * batch[:, 1:].numel()
+        count += batch[:, 1:].numel()
+    model.train()
+    return total / count
+
+
+def unigram_bits_per_token(train: TokenShards, val: TokenShards, vocab_size: int) -> float:
+    """Cross-entropy of the val tokens under add-one unigram counts of the train split."""
+    counts = sum(np.bincount(a, minlength=vocab_size) for a in train.arrays).astype(np.float64) + 1
+    log_p = np.log2(counts / counts.sum())
+    val_counts = sum(np.bincount(a, minlength=vocab_size) for a in val.arrays)
+    return float(-(val_counts * log_p).sum() / val_counts.sum())
+
+
+def fresh_progress() -> dict[str, Any]:
+    return {"step": 0, "best_val": float("inf"), "bad_evals": 0, "train_curve": [], "val_curve": []}
+
+
+def restore(checkpoints: Path, expected: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The saved training state when it belongs to this run (same fingerprint), else a fresh one."""
+    fresh = fresh_progress()
+    if not (checkpoints / STATE).exists():
+        return fresh
+    state = load_state(checkpoints / STATE)
+    if state.get("fingerprint") != expected:
+        print("pretrain: checkpoint belongs to other params or data; starting fresh", file=sys.stderr)
+        return fresh
+    saved, _ = load_model(checkpoints / "model")
+    model.load_state_dict(saved.state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    print(f"pretrain: resuming at step {state['step']}", file=sys.stderr)
+    return {k: state[k] for k in fresh}
+
+
+def write_checkpoint(checkpoints: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     progress: dict[str, Any], run_fingerprint: str) -> None:
+    save_model(checkpoints / "model", model, {"step": progress["step"]})
+    save_state(checkpoints / STATE, {**progress, "optimizer": optimizer.state_dict(),
+                                     "torch_rng": torch.get_rng_state(), "fingerprint": run_fingerprint})
+
+
+def write_curves(plots: Path, progress: dict[str, Any]) -> None:
+    plots.mkdir(parents=True, exist_ok=True)
+    for name in ("train", "val"):
+        rows = "".join(f"{step},{loss:.6f}\n" for step, loss in progress[f"{name}_curve"])
+        (plots / f"pretrain_{name}.csv").write_text("step,loss\n" + rows)
+
+
+def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkpoints: Path,
+        metrics_dir: Path, tracked: Any = None) -> dict[str, Any]:
+    """Train until max_steps or early stopping; rank 0 writes the best model to `lm_dir`."""
+    p = cfg.pretrain
+    rank, world, device = distributed()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    manifest = read_manifest(tokens_dir)
+    train, val = TokenShards(tokens_dir, "train"), TokenShards(tokens_dir, "val")
+    torch.manual_seed(p.seed)
+    model = build_model(model_config(p, manifest["vocab_size"])).to(device)
+    optimizer = optimizer_for(model, p)
+    run_fingerprint = fingerprint(p, manifest["tokenizer_sha256"])
+    resuming = p.resume == "auto"
+    progress = restore(checkpoints, run_fingerprint, model, optimizer) if resuming else fresh_progress()
+    trained: nn.Module = DistributedDataParallel(model) if world > 1 else model
+    if p.compile:
+        trained = torch.compile(trained)  # type: ignore[assignment]
+    val_windows = next(val.sequential_windows(p.model.context, p.eval_windows))  # fixed for the run
+    stream = train.random_windows(p.model.context, p.batch_size,
+                                  WindowPosition(p.seed, rank, progress["step"] * p.grad_accum))
+    tokens_per_step = p.batch_size * p.grad_accum * p.model.context * world
+    flops_per_step = model.flops_per_token() * tokens_per_step  # type: ignore[operator]
+    peak = peak_flops(device) * world
+    waited = elapsed = 0.0
+    stopped_early = False
+    while progress["step"] < p.max_steps and not stopped_early:
+        step_started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(progress["step"], p)
+        loss_sum = 0.0
+        for micro in range(p.grad_accum):
+            fetch_started = time.perf_counter()
+            batch = torch.from_numpy(next(stream)).to(device, non_blocking=True)
+            waited += time.perf_counter() - fetch_started
+            sync = contextlib.nullcontext() if world == 1 or micro == p.grad_accum - 1 else trained.no_sync()
+            with sync:
+                loss = batch_loss(trained, batch, device) / p.grad_accum
+                loss.backward()
+            loss_sum += loss.item()
+        if not math.isfinite(loss_sum):
+            raise TrainingError(f"loss is {loss_sum} at step {progress['step'] + 1}; "
+                                f"the last good checkpoint is kept in {checkpoints}")
+        if p.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress["step"] += 1
+        step = progress["step"]
+        seconds = time.perf_counter() - step_started
+        elapsed += seconds
+        progress["train_curve"].append((step, loss_sum))
+        if tracked is not None and rank == 0:
+            tracked.log_metrics({"train_loss": loss_sum, "lr": lr_at(step - 1, p),
+                                 "tokens_per_s": tokens_per_step / seconds}, step=step)
+        if step % p.eval_every == 0 or step == p.max_steps:
+            val_loss = evaluate(model, val_windows, p.batch_size, device)
+            progress["val_curve"].append((step, val_loss))
+            if tracked is not None and rank == 0:
+                tracked.log_metrics({"val_loss": val_loss}, step=step)
+            if val_loss < progress["best_val"]:
+                progress["best_val"], progress["bad_evals"] = val_loss, 0
+                if rank == 0:
+                    extra = {"step": step, "val_loss": val_loss, "eot_id": manifest["eot_id"]}
+                    save_model(lm_dir, model, extra)
+            else:
+                progress["bad_evals"] += 1
+                stopped_early = progress["bad_evals"] >= p.patience
+        if rank == 0 and (step % p.checkpoint_every == 0 or step == p.max_steps or stopped_early):
+            write_checkpoint(checkpoints, model, optimizer, progress, run_fingerprint)
+    metrics: dict[str, Any] = {}
+    if rank == 0:
+        shutil.copy(tokenizer_dir / "tokenizer.json", lm_dir / "tokenizer.json")
+        best, _ = load_model(lm_dir)
+        full_val = np.concatenate(list(val.sequential_windows(p.model.context, p.batch_size)))
+        val_loss = evaluate(best.to(device), full_val, p.batch_size, device)
+        bytes_per_token = manifest["totals"]["val"]["text_bytes"] / manifest["totals"]["val"]["tokens"]
+        unigram_bits = unigram_bits_per_token(train, val, manifest["vocab_size"])
+        steps_run = len(progress["train_curve"])
+        metrics = {
+            "steps": progress["step"], "stopped_early": stopped_early,
+            "val_loss": round(val_loss, 4), "val_perplexity": round(math.exp(val_loss), 2),
+            "val_bits_per_byte": round(val_loss / math.log(2) / bytes_per_token, 4),
+            "unigram_val_bits_per_byte": round(unigram_bits / bytes_per_token, 4),
+            "parameters": sum(t.numel() for t in model.parameters()),
+            "tokens_per_s": round(tokens_per_step * steps_run / elapsed, 1) if elapsed else 0.0,
+            "mfu": round(flops_per_step * steps_run / elapsed / peak, 4) if elapsed and peak else 0.0,
+            "data_wait_share": round(waited / elapsed, 4) if elapsed else 0.0,
+            "world_size": world, "device": device.type,
+        }
+        write_json(metrics_dir / "pretrain.json", metrics)
+        write_curves(metrics_dir / "plots", progress)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.pretrain", description=__doc__.split("\n")[0])
+    parser.add_argument("--params", type=Path, default=PROJECT_ROOT / "params.yaml", help="params file")
+    args = parser.parse_args(argv)
+    from pipeline import tracking
+
+    try:
+        cfg = load_config(args.params)
+        paths = {name: PROJECT_ROOT / getattr(cfg.paths, name)
+                 for name in ("tokens", "tokenizer", "lm", "checkpoints", "metrics")}
+        leader = int(os.environ.get("RANK", 0)) == 0
+        tracking_cfg = cfg.tracking if leader else cfg.tracking.model_copy(update={"enabled": False})
+        with tracking.stage_run("pretrain", tracking_cfg, cfg.pretrain.model_dump(),
+                                {"tokens": paths["tokens"]}, {"lm": paths["lm"]}) as run_log:
+            metrics = run(cfg, paths["tokens"], paths["tokenizer"], paths["lm"], paths["checkpoints"],
+                          paths["metrics"], run_log)
+            if leader:
+                run_log.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
+                run_log.log_artifact(paths["lm"], "lm")
+    except (InputError, ConfigError, TrainingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if metrics:
+        print(f"pretrain: {metrics['steps']} steps, val bits/byte {metrics['val_bits_per_byte']} "
+              f"(unigram {metrics['unigram_val_bits_per_byte']}), {metrics['tokens_per_s']} tokens/s, "
+              f"MFU {metrics['mfu']:.1%} -> {paths['lm']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

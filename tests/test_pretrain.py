@@ -1,0 +1,140 @@
+"""The pretrain stage on a tiny real token set: exact resume after SIGKILL, DDP over gloo, NaN stop,
+tampered checkpoints, generation."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline import pretrain
+from pipeline.checkpoint import STATE, WEIGHTS, load_model, load_state
+from pipeline.config import PROJECT_ROOT, parse_config
+from pipeline.files import InputError, file_digest
+from pipeline.generate import generate
+
+TINY_MODEL = {"arch": "gpt", "context": 64, "n_layer": 2, "n_head": 2, "n_embd": 64}
+
+
+def pretrain_params(project: tuple[Path, dict[str, Any]], out: Path, **overrides: Any) -> dict[str, Any]:
+    _, params = project
+    params = copy.deepcopy(params)
+    params["paths"].update(lm=str(out / "lm"), checkpoints=str(out / "checkpoints"), metrics=str(out / "m"))
+    params["pretrain"] = {"model": TINY_MODEL, "batch_size": 8, "max_steps": 12, "warmup_steps": 2,
+                          "eval_every": 4, "eval_windows": 8, "checkpoint_every": 4, **overrides}
+    return params
+
+
+def launch(params: dict[str, Any], out: Path, ranks: int = 1) -> subprocess.Popen[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "params.yaml").write_text(yaml.safe_dump(params))
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] \
+        if ranks > 1 else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if ranks > 1 else dict(os.environ)
+    command = [*prefix, "-m", "pipeline.pretrain", "--params", str(out / "params.yaml")]
+    return subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen[str]) -> str:
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode == 0, output
+    return output
+
+
+def test_sigkill_then_resume_gives_bit_identical_weights(tiny_project, tmp_path: Path) -> None:
+    # a model big enough that 24 steps take seconds, so the kill lands mid-run
+    model = {**TINY_MODEL, "n_embd": 128, "context": 128}
+    params = pretrain_params(tiny_project, tmp_path / "whole", model=model, max_steps=24, batch_size=16)
+    finish(launch(params, tmp_path / "whole"))
+    broken = pretrain_params(tiny_project, tmp_path / "broken", model=model, max_steps=24, batch_size=16)
+    process = launch(broken, tmp_path / "broken")
+    state = tmp_path / "broken" / "checkpoints" / STATE
+    deadline = time.time() + 120
+    while time.time() < deadline and not (state.exists() and load_state(state)["step"] >= 8):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = load_state(state)["step"]
+    assert process.returncode == -signal.SIGKILL and 8 <= killed_at < 24
+    output = finish(launch(broken, tmp_path / "broken"))
+    assert f"resuming at step {killed_at}" in output
+    for name in ("checkpoints/model", "lm"):
+        whole = tmp_path / "whole" / name / WEIGHTS
+        resumed = tmp_path / "broken" / name / WEIGHTS
+        assert file_digest(whole) == file_digest(resumed), name
+
+
+def test_two_gloo_processes_match_one_with_the_same_global_batch(tiny_project, tmp_path: Path) -> None:
+    single = pretrain_params(tiny_project, tmp_path / "one", batch_size=8, max_steps=16, eval_every=8)
+    double = pretrain_params(tiny_project, tmp_path / "two", batch_size=4, max_steps=16, eval_every=8)
+    finish(launch(single, tmp_path / "one"))
+    finish(launch(double, tmp_path / "two", ranks=2))
+    curves = {}
+    for name in ("one", "two"):
+        metrics = json.loads((tmp_path / name / "m" / "pretrain.json").read_text())
+        rows = (tmp_path / name / "m" / "plots" / "pretrain_train.csv").read_text().split()[1:]
+        curves[name] = [float(r.split(",")[1]) for r in rows]
+        assert metrics["world_size"] == (2 if name == "two" else 1)
+    one, two = curves["one"], curves["two"]
+    assert len(one) == len(two) == 16
+    assert one[-1] < one[0] - 0.5 and two[-1] < two[0] - 0.5  # both learn
+    assert abs(sum(one[-4:]) / 4 - sum(two[-4:]) / 4) < 0.25 * sum(one[-4:]) / 4  # same shape
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_project, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    params = parse_config(pretrain_params(tiny_project, tmp_path, checkpoint_every=2, max_steps=8))
+    real = pretrain.batch_loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch, device):  # the fifth training step's loss becomes NaN
+        loss = real(model, batch, device)
+        if not model.training:
+            return loss
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(pretrain, "batch_loss", poisoned)
+    root, _ = tiny_project
+    with pytest.raises(pretrain.TrainingError, match="loss is nan at step 5"):
+        pretrain.run(params, root / "tokens", root / "tokenizer", tmp_path / "lm", tmp_path / "checkpoints",
+                     tmp_path / "m")
+    assert load_state(tmp_path / "checkpoints" / STATE)["step"] == 4
+    load_model(tmp_path / "checkpoints" / "model")  # still whole
+
+
+def test_tampered_checkpoint_is_refused_and_generation_is_deterministic(tiny_project, tmp_path: Path) -> None:
+    root, _ = tiny_project
+    params = parse_config(pretrain_params(tiny_project, tmp_path, max_steps=4))
+    metrics = pretrain.run(params, root / "tokens", root / "tokenizer", tmp_path / "lm",
+                           tmp_path / "checkpoints", tmp_path / "m")
+    assert metrics["steps"] == 4 and metrics["val_bits_per_byte"] > 0
+    first = generate(tmp_path / "lm", "The history of", max_new_tokens=12, seed=3)
+    assert first == generate(tmp_path / "lm", "The history of", max_new_tokens=12, seed=3)
+    assert first.startswith("The history of")
+    weights = tmp_path / "lm" / WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="sha256 does not match"):
+        load_model(tmp_path / "lm")
+    with pytest.raises(InputError, match="no checkpoint here"):
+        load_model(tmp_path / "missing")
+
+
+def test_learning_rate_warms_up_then_decays() -> None:
+    cfg = parse_config({"data": {"sources": [{"name": "x", "format": "text", "path": "x"}]},
+                        "pretrain": {"max_steps": 100, "warmup_steps": 10}}).pretrain
+    rates = [pretrain.lr_at(s, cfg) for s in range(100)]
+    assert rates[0] < rates[9] == pytest.approx(cfg.learning_rate)
+    assert rates[9] > rates[50] > rates[99] >= cfg.min_learning_rate
