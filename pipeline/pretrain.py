@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.checkpoint import STATE, load_model, load_state, save_model, save_state
 from pipeline.config import PROJECT_ROOT, Config, ConfigError, Pretrain, load_config
-from pipeline.files import InputError, write_json
+from pipeline.files import InputError, atomic_dir, write_json
 from pipeline.models import build_model
 from pipeline.shards import TokenShards, WindowPosition, read_manifest
 
@@ -174,7 +174,8 @@ def write_curves(plots: Path, progress: dict[str, Any]) -> None:
 
 def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkpoints: Path,
         metrics_dir: Path, tracked: Any = None) -> dict[str, Any]:
-    """Train until max_steps or early stopping; rank 0 writes the best model to `lm_dir`."""
+    """Train until max_steps or early stopping; rank 0 writes the best model (by validation loss,
+    kept in `checkpoints/best` as training goes) to `lm_dir` at the end."""
     p = cfg.pretrain
     rank, world, device = distributed()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -236,7 +237,7 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
                 progress["best_val"], progress["bad_evals"] = val_loss, 0
                 if rank == 0:
                     extra = {"step": step, "val_loss": val_loss, "eot_id": manifest["eot_id"]}
-                    save_model(lm_dir, model, extra)
+                    save_model(checkpoints / "best", model, extra)
             else:
                 progress["bad_evals"] += 1
                 stopped_early = progress["bad_evals"] >= p.patience
@@ -244,7 +245,9 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
             write_checkpoint(checkpoints, model, optimizer, progress, run_fingerprint)
     metrics: dict[str, Any] = {}
     if rank == 0:
-        shutil.copy(tokenizer_dir / "tokenizer.json", lm_dir / "tokenizer.json")
+        with atomic_dir(lm_dir) as tmp:  # DVC clears lm_dir before a rerun; the best model persists
+            shutil.copytree(checkpoints / "best", tmp, dirs_exist_ok=True)
+            shutil.copy(tokenizer_dir / "tokenizer.json", tmp / "tokenizer.json")
         best, _ = load_model(lm_dir)
         full_val = np.concatenate(list(val.sequential_windows(p.model.context, p.batch_size)))
         val_loss = evaluate(best.to(device), full_val, p.batch_size, device)

@@ -68,7 +68,7 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tiny_project, tmp_path:
     assert process.returncode == -signal.SIGKILL and 8 <= killed_at < 24
     output = finish(launch(broken, tmp_path / "broken"))
     assert f"resuming at step {killed_at}" in output
-    for name in ("checkpoints/model", "lm"):
+    for name in ("checkpoints/model", "checkpoints/best", "lm"):
         whole = tmp_path / "whole" / name / WEIGHTS
         resumed = tmp_path / "broken" / name / WEIGHTS
         assert file_digest(whole) == file_digest(resumed), name
@@ -138,3 +138,17 @@ def test_learning_rate_warms_up_then_decays() -> None:
     rates = [pretrain.lr_at(s, cfg) for s in range(100)]
     assert rates[0] < rates[9] == pytest.approx(cfg.learning_rate)
     assert rates[9] > rates[50] > rates[99] >= cfg.min_learning_rate
+
+
+def test_rerun_of_a_finished_run_restores_the_model_without_training(tiny_project, tmp_path: Path) -> None:
+    import shutil
+
+    root, _ = tiny_project
+    params = parse_config(pretrain_params(tiny_project, tmp_path, max_steps=4))
+    stage_args = (root / "tokens", root / "tokenizer", tmp_path / "lm", tmp_path / "checkpoints",
+                  tmp_path / "m")
+    pretrain.run(params, *stage_args)
+    before = file_digest(tmp_path / "lm" / WEIGHTS)
+    shutil.rmtree(tmp_path / "lm")  # what DVC does to an output before rerunning its stage
+    metrics = pretrain.run(params, *stage_args)
+    assert metrics["steps"] == 4 and file_digest(tmp_path / "lm" / WEIGHTS) == before

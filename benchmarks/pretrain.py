@@ -1,0 +1,133 @@
+"""Pretraining throughput side by side with nanoGPT's unmodified train.py, on the same tokens.
+
+Both loops train the same GPT (no biases, exact GELU, tied head, learned positions, SDPA causal),
+fp32 on the CPU, the same batch and context, AdamW and clipping at 1.0. nanoGPT reads our train
+split written as its `train.bin`; its per-iteration times are parsed from its log (iteration 0,
+which includes its evaluation, is dropped), ours come from the stage's per-step log. The two never
+run at the same time: they alternate, and medians are compared. MFU for both uses the same FLOP
+formula (6N + 12·L·d·T per token) against the same measured fp32 matmul peak.
+
+    python benchmarks/pretrain.py --nanogpt /path/to/nanoGPT [--iters 12] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from pipeline import pretrain  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.models import GPT, GPTConfig  # noqa: E402
+from pipeline.shards import TokenShards, read_manifest  # noqa: E402
+
+ITER_LINE = re.compile(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms")
+
+
+class StepTimes:
+    """Collects the per-step tokens/s the stage logs (it quacks like a tracking run)."""
+
+    def __init__(self) -> None:
+        self.tokens_per_s: list[float] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        if "tokens_per_s" in metrics:
+            self.tokens_per_s.append(metrics["tokens_per_s"])
+
+
+def ours(size: dict[str, int], iters: int, work: Path) -> list[float]:
+    cfg = load_config(overrides={
+        "tracking.enabled": False, "pretrain.max_steps": iters, "pretrain.eval_every": iters,
+        "pretrain.checkpoint_every": iters, "pretrain.eval_windows": 1, "pretrain.resume": "never",
+        "pretrain.batch_size": size["batch"], "pretrain.warmup_steps": 1,
+        "pretrain.model": {"arch": "gpt", "context": size["context"], "n_layer": size["n_layer"],
+                           "n_head": size["n_head"], "n_embd": size["n_embd"], "bias": False, "dropout": 0.0},
+    })
+    times = StepTimes()
+    paths = cfg.paths
+    pretrain.run(cfg, ROOT / paths.tokens, ROOT / paths.tokenizer, work / "lm", work / "ckpt", work / "m",
+                 times)
+    return [size["batch"] * size["context"] / t for t in times.tokens_per_s][1:]  # seconds per step
+
+
+def nanogpt(source: Path, size: dict[str, int], iters: int, work: Path) -> list[float]:
+    args = ["--dataset=bench", "--device=cpu", "--dtype=float32", "--compile=False", "--bias=False",
+            f"--n_layer={size['n_layer']}", f"--n_head={size['n_head']}", f"--n_embd={size['n_embd']}",
+            f"--block_size={size['context']}", f"--batch_size={size['batch']}",
+            "--gradient_accumulation_steps=1", f"--max_iters={iters}", "--eval_interval=100000",
+            "--eval_iters=1", "--log_interval=1", "--dropout=0.0", "--always_save_checkpoint=False",
+            f"--out_dir={work / 'out'}", "--warmup_iters=1"]
+    result = subprocess.run([sys.executable, "train.py", *args], cwd=source, capture_output=True, text=True,
+                            check=True)
+    times = [float(ms) / 1000 for i, ms in ITER_LINE.findall(result.stdout) if int(i) >= 2]
+    assert times, result.stdout[-2000:]
+    return times
+
+
+def prepare_nanogpt(path: Path, work: Path, vocab: int) -> Path:
+    """A scratch copy of nanoGPT with our train/val tokens as its dataset (its code untouched)."""
+    copy = work / "nanogpt"
+    shutil.copytree(path, copy, ignore=shutil.ignore_patterns(".git", "data"))
+    data = copy / "data" / "bench"
+    data.mkdir(parents=True)
+    for split in ("train", "val"):
+        shards = TokenShards(ROOT / load_config().paths.tokens, split)
+        shards.slice(0, len(shards)).astype(np.uint16).tofile(data / f"{split}.bin")
+    (data / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": vocab}))
+    return copy
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--nanogpt", type=Path, required=True,
+                        help="a local nanoGPT checkout (never committed)")
+    parser.add_argument("--iters", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--n-layer", type=int, default=4)
+    parser.add_argument("--n-embd", type=int, default=256)
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=16)
+    args = parser.parse_args()
+    size = {"n_layer": args.n_layer, "n_head": args.n_layer, "n_embd": args.n_embd, "context": args.context,
+            "batch": args.batch}
+    vocab = read_manifest(ROOT / load_config().paths.tokens)["vocab_size"]
+    model = GPT(GPTConfig(vocab_size=vocab, context=size["context"], n_layer=size["n_layer"],
+                          n_head=size["n_head"], n_embd=size["n_embd"]))
+    flops_per_step = model.flops_per_token() * size["batch"] * size["context"]
+    peak = pretrain.peak_flops(pretrain.torch.device("cpu"))
+    times: dict[str, list[float]] = {"ours": [], "nanogpt": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        source = prepare_nanogpt(args.nanogpt, work, vocab)
+        for r in range(args.rounds):
+            times["ours"] += ours(size, args.iters, work / f"ours{r}")
+            times["nanogpt"] += nanogpt(source, size, args.iters, work / f"nano{r}")
+    result: dict[str, Any] = {"size": size, "vocab": vocab, "flops_per_token": model.flops_per_token(),
+                              "cpu_peak_gflops": round(peak / 1e9, 1)}
+    for name, series in times.items():
+        median = statistics.median(series)
+        result[name] = {"ms_per_iter": round(median * 1000, 1),
+                        "tokens_per_s": round(size["batch"] * size["context"] / median, 1),
+                        "mfu": round(flops_per_step / median / peak, 3), "iters_timed": len(series)}
+        print(f"{name:8} {median * 1000:9.1f} ms/iter {result[name]['tokens_per_s']:9.1f} tokens/s "
+              f"MFU {result[name]['mfu']:.1%}")
+    ratio = result["ours"]["tokens_per_s"] / result["nanogpt"]["tokens_per_s"]
+    result["ratio_ours_over_nanogpt"] = round(ratio, 3)
+    print(f"tokens/s ours / nanoGPT: {result['ratio_ours_over_nanogpt']} (goal >= 1.0)")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
