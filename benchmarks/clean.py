@@ -11,25 +11,30 @@ that only wiki markup produces (ref, nbsp, thumb, px, cite...) per million words
 
 from __future__ import annotations
 
-import argparse
-import bz2
-import json
-import os
-import re
-import statistics
 import sys
-import tempfile
-import time
-from collections import Counter
 from pathlib import Path
 
-import pyarrow.parquet as pq
-from gensim.corpora.wikicorpus import WikiCorpus
+# benchmarks/tokenize.py shadows the standard library's `tokenize` for scripts in this folder:
+# replace the folder with the project root on the path before anything imports it.
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[0] = str(ROOT)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pipeline import clean, ingest
-from pipeline.config import parse_config
-from pipeline.files import resolve_package_path
+import argparse  # noqa: E402
+import bz2  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+
+import pyarrow.parquet as pq  # noqa: E402
+from gensim.corpora.wikicorpus import WikiCorpus  # noqa: E402
+
+from pipeline import clean, ingest  # noqa: E402
+from pipeline.config import parse_config  # noqa: E402
+from pipeline.files import resolve_package_path  # noqa: E402
 
 DEFAULT_DUMP = "pkg://gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 MARKUP_WORDS = ("ref", "nbsp", "thumb", "px", "cite", "infobox", "defaultsort", "wikitable", "colspan",

@@ -12,22 +12,26 @@ formula (6N + 12·L·d·T per token) against the same measured fp32 matmul peak.
 
 from __future__ import annotations
 
-import argparse
-import json
-import pickle
-import re
-import shutil
-import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
+# benchmarks/tokenize.py shadows the standard library's `tokenize` for scripts in this folder:
+# replace the folder with the project root on the path before anything imports it.
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[0] = str(ROOT)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import pickle  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+
 from pipeline import pretrain  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.models import GPT, GPTConfig  # noqa: E402

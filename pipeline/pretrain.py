@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.checkpoint import STATE, load_model, load_state, save_model, save_state
+from pipeline.checkpoint import CONFIG, STATE, load_model, load_state, save_model, save_state
 from pipeline.config import PROJECT_ROOT, Config, ConfigError, Pretrain, load_config
 from pipeline.files import InputError, atomic_dir, write_json
 from pipeline.models import build_model
@@ -149,6 +149,9 @@ def restore(checkpoints: Path, expected: str, model: nn.Module, optimizer: torch
     state = load_state(checkpoints / STATE)
     if state.get("fingerprint") != expected:
         print("pretrain: checkpoint belongs to other params or data; starting fresh", file=sys.stderr)
+        return fresh
+    if math.isfinite(state["best_val"]) and not (checkpoints / "best" / CONFIG).exists():
+        print("pretrain: checkpoint has lost its best model; starting fresh", file=sys.stderr)
         return fresh
     saved, _ = load_model(checkpoints / "model")
     model.load_state_dict(saved.state_dict())
