@@ -9,7 +9,6 @@ split sizes and the label distribution per split.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import multiprocessing
@@ -31,9 +30,10 @@ import pyarrow.parquet as pq
 from datasketch import MinHash, MinHashLSH
 from tqdm import tqdm
 
-from pipeline.config import PROJECT_ROOT, Clean, Config, ConfigError, Dedup, Filters, Source, load_config
+from pipeline.config import PROJECT_ROOT, Clean, Config, Dedup, Filters, Source
 from pipeline.files import InputError, atomic_dir, resolve_paths, write_json
 from pipeline.sources import RawDoc, read_source
+from pipeline.stagecli import stage_main
 from pipeline.textfix import PROSE_PUNCTUATION, has_mojibake, repair, wikitext_to_text
 
 SPLITS = ("train", "val", "test")
@@ -289,32 +289,25 @@ def run(cfg: Config, raw_dir: Path, out_dir: Path, metrics_path: Path) -> dict[s
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.clean", description=__doc__.split("\n")[0])
-    parser.add_argument("--params", type=Path, default=PROJECT_ROOT / "params.yaml", help="params file")
-    args = parser.parse_args(argv)
+def execute(cfg: Config) -> str:
+    """The stage as DVC runs it: paths from params, one MLflow run, a summary line."""
     from pipeline import tracking
 
-    try:
-        cfg = load_config(args.params)
-        raw_dir = PROJECT_ROOT / cfg.paths.raw
-        out_dir = PROJECT_ROOT / cfg.paths.clean
-        metrics_path = PROJECT_ROOT / cfg.paths.metrics / "clean.json"
-        with tracking.stage_run(
-            "clean", cfg.tracking, cfg.data.model_dump(), {"raw": raw_dir}, {"clean": out_dir}
-        ) as run_log:
-            metrics = run(cfg, raw_dir, out_dir, metrics_path)
-            run_log.log_metrics(tracking.numeric_leaves(metrics))
-            run_log.log_artifact(metrics_path)
-    except (InputError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    raw_dir = PROJECT_ROOT / cfg.paths.raw
+    out_dir = PROJECT_ROOT / cfg.paths.clean
+    metrics_path = PROJECT_ROOT / cfg.paths.metrics / "clean.json"
+    with tracking.stage_run("clean", cfg.tracking, cfg.data.model_dump(), {"raw": raw_dir},
+                            {"clean": out_dir}) as run_log:
+        metrics = run(cfg, raw_dir, out_dir, metrics_path)
+        run_log.log_metrics(tracking.numeric_leaves(metrics))
+        run_log.log_artifact(metrics_path)
     corpus, labeled = metrics["corpus"], metrics["labeled"]
-    print(
-        f"clean: corpus {corpus['documents']} documents ({corpus['characters']:,} chars), "
-        f"labeled {labeled['documents']} documents, {metrics['seconds']} s -> {out_dir}"
-    )
-    return 0
+    return (f"clean: corpus {corpus['documents']} documents ({corpus['characters']:,} chars), "
+            f"labeled {labeled['documents']} documents, {metrics['seconds']} s -> {out_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("clean", __doc__, execute, argv)
 
 
 if __name__ == "__main__":

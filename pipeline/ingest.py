@@ -7,7 +7,6 @@ the md5 of the exact raw bytes every later stage was built from. Raw inputs are 
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -15,8 +14,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PROJECT_ROOT, Config, ConfigError, Source, load_config
+from pipeline.config import PROJECT_ROOT, Config, Source
 from pipeline.files import InputError, atomic_dir, file_digest, resolve_paths, write_json
+from pipeline.stagecli import stage_main
 
 URL_SCHEMES = ("http://", "https://")
 COPY_CHUNK = 1 << 20
@@ -69,28 +69,26 @@ def run(cfg: Config, raw_dir: Path, base: Path = PROJECT_ROOT) -> dict[str, Any]
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.ingest", description=__doc__.split("\n")[0])
-    parser.add_argument("--params", type=Path, default=PROJECT_ROOT / "params.yaml", help="params file")
-    args = parser.parse_args(argv)
+def execute(cfg: Config) -> str:
+    """The stage as DVC runs it: paths from params, one MLflow run, a summary line."""
     from pipeline import tracking
 
-    try:
-        cfg = load_config(args.params)
-        raw_dir = PROJECT_ROOT / cfg.paths.raw
-        params = {"sources": [s.model_dump() for s in cfg.data.sources]}
-        with tracking.stage_run("ingest", cfg.tracking, params, {}, {"raw": raw_dir}) as run_log:
-            report = run(cfg, raw_dir)
-            files = [(name, f) for name, entry in report.items() for f in entry["files"]]
-            run_log.log_metrics({f"{name}.{f['file']}.bytes": f["bytes"] for name, f in files})
-            run_log.set_tags({f"raw.{name}.{f['file']}.md5": f["md5"] for name, f in files})
-    except (InputError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for name, entry in report.items():
-        size = sum(f["bytes"] for f in entry["files"])
-        print(f"ingest: {name}: {len(entry['files'])} file(s), {size:,} bytes from {entry['origin']}")
-    return 0
+    raw_dir = PROJECT_ROOT / cfg.paths.raw
+    params = {"sources": [s.model_dump() for s in cfg.data.sources]}
+    with tracking.stage_run("ingest", cfg.tracking, params, {}, {"raw": raw_dir}) as run_log:
+        report = run(cfg, raw_dir)
+        files = [(name, f) for name, entry in report.items() for f in entry["files"]]
+        run_log.log_metrics({f"{name}.{f['file']}.bytes": f["bytes"] for name, f in files})
+        run_log.set_tags({f"raw.{name}.{f['file']}.md5": f["md5"] for name, f in files})
+    return "\n".join(
+        f"ingest: {name}: {len(entry['files'])} file(s), "
+        f"{sum(f['bytes'] for f in entry['files']):,} bytes from {entry['origin']}"
+        for name, entry in report.items()
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("ingest", __doc__, execute, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ atomically to `paths.checkpoints`; `resume: auto` continues from there when the 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -34,10 +33,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.checkpoint import CONFIG, STATE, load_model, load_state, save_model, save_state
-from pipeline.config import PROJECT_ROOT, Config, ConfigError, Pretrain, load_config
-from pipeline.files import InputError, atomic_dir, write_json
+from pipeline.config import PROJECT_ROOT, Config, Pretrain
+from pipeline.files import atomic_dir, write_json
 from pipeline.models import build_model
 from pipeline.shards import TokenShards, WindowPosition, read_manifest
+from pipeline.stagecli import stage_main
 
 # Dense bf16 peak FLOP/s by device name (vendor datasheets); a CPU's peak is measured instead.
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -138,7 +138,9 @@ def unigram_bits_per_token(train: TokenShards, val: TokenShards, vocab_size: int
 
 
 def fresh_progress() -> dict[str, Any]:
-    return {"step": 0, "best_val": float("inf"), "bad_evals": 0, "train_curve": [], "val_curve": []}
+    # timing is cumulative over every process that trained this run, so a resumed run reports it all
+    return {"step": 0, "best_val": float("inf"), "bad_evals": 0, "train_curve": [], "val_curve": [],
+            "seconds_training": 0.0, "seconds_waiting": 0.0}
 
 
 def restore(checkpoints: Path, expected: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -158,7 +160,7 @@ def restore(checkpoints: Path, expected: str, model: nn.Module, optimizer: torch
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     print(f"pretrain: resuming at step {state['step']}", file=sys.stderr)
-    return {k: state[k] for k in fresh}
+    return {k: state.get(k, default) for k, default in fresh.items()}
 
 
 def write_checkpoint(checkpoints: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -200,7 +202,6 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
     tokens_per_step = p.batch_size * p.grad_accum * p.model.context * world
     flops_per_step = model.flops_per_token() * tokens_per_step  # type: ignore[operator]
     peak = peak_flops(device) * world
-    waited = elapsed = 0.0
     stopped_early = False
     while progress["step"] < p.max_steps and not stopped_early:
         step_started = time.perf_counter()
@@ -210,7 +211,7 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
         for micro in range(p.grad_accum):
             fetch_started = time.perf_counter()
             batch = torch.from_numpy(next(stream)).to(device, non_blocking=True)
-            waited += time.perf_counter() - fetch_started
+            progress["seconds_waiting"] += time.perf_counter() - fetch_started
             sync = contextlib.nullcontext() if world == 1 or micro == p.grad_accum - 1 else trained.no_sync()
             with sync:
                 loss = batch_loss(trained, batch, device) / p.grad_accum
@@ -226,7 +227,7 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
         progress["step"] += 1
         step = progress["step"]
         seconds = time.perf_counter() - step_started
-        elapsed += seconds
+        progress["seconds_training"] += seconds
         progress["train_curve"].append((step, loss_sum))
         if tracked is not None and rank == 0:
             tracked.log_metrics({"train_loss": loss_sum, "lr": lr_at(step - 1, p),
@@ -256,7 +257,7 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
         val_loss = evaluate(best.to(device), full_val, p.batch_size, device)
         bytes_per_token = manifest["totals"]["val"]["text_bytes"] / manifest["totals"]["val"]["tokens"]
         unigram_bits = unigram_bits_per_token(train, val, manifest["vocab_size"])
-        steps_run = len(progress["train_curve"])
+        steps_run, elapsed = len(progress["train_curve"]), progress["seconds_training"]
         metrics = {
             "steps": progress["step"], "stopped_early": stopped_early,
             "val_loss": round(val_loss, 4), "val_perplexity": round(math.exp(val_loss), 2),
@@ -265,7 +266,7 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
             "parameters": sum(t.numel() for t in model.parameters()),
             "tokens_per_s": round(tokens_per_step * steps_run / elapsed, 1) if elapsed else 0.0,
             "mfu": round(flops_per_step * steps_run / elapsed / peak, 4) if elapsed and peak else 0.0,
-            "data_wait_share": round(waited / elapsed, 4) if elapsed else 0.0,
+            "data_wait_share": round(progress["seconds_waiting"] / elapsed, 4) if elapsed else 0.0,
             "world_size": world, "device": device.type,
         }
         write_json(metrics_dir / "pretrain.json", metrics)
@@ -276,33 +277,30 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.pretrain", description=__doc__.split("\n")[0])
-    parser.add_argument("--params", type=Path, default=PROJECT_ROOT / "params.yaml", help="params file")
-    args = parser.parse_args(argv)
+def execute(cfg: Config) -> str:
+    """The stage as DVC (or torchrun) runs it: paths from params, one MLflow run on rank 0."""
     from pipeline import tracking
 
-    try:
-        cfg = load_config(args.params)
-        paths = {name: PROJECT_ROOT / getattr(cfg.paths, name)
-                 for name in ("tokens", "tokenizer", "lm", "checkpoints", "metrics")}
-        leader = int(os.environ.get("RANK", 0)) == 0
-        tracking_cfg = cfg.tracking if leader else cfg.tracking.model_copy(update={"enabled": False})
-        with tracking.stage_run("pretrain", tracking_cfg, cfg.pretrain.model_dump(),
-                                {"tokens": paths["tokens"]}, {"lm": paths["lm"]}) as run_log:
-            metrics = run(cfg, paths["tokens"], paths["tokenizer"], paths["lm"], paths["checkpoints"],
-                          paths["metrics"], run_log)
-            if leader:
-                run_log.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
-                run_log.log_artifact(paths["lm"], "lm")
-    except (InputError, ConfigError, TrainingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if metrics:
-        print(f"pretrain: {metrics['steps']} steps, val bits/byte {metrics['val_bits_per_byte']} "
-              f"(unigram {metrics['unigram_val_bits_per_byte']}), {metrics['tokens_per_s']} tokens/s, "
-              f"MFU {metrics['mfu']:.1%} -> {paths['lm']}")
-    return 0
+    paths = {name: PROJECT_ROOT / getattr(cfg.paths, name)
+             for name in ("tokens", "tokenizer", "lm", "checkpoints", "metrics")}
+    leader = int(os.environ.get("RANK", 0)) == 0
+    tracking_cfg = cfg.tracking if leader else cfg.tracking.model_copy(update={"enabled": False})
+    with tracking.stage_run("pretrain", tracking_cfg, cfg.pretrain.model_dump(),
+                            {"tokens": paths["tokens"]}, {"lm": paths["lm"]}) as run_log:
+        metrics = run(cfg, paths["tokens"], paths["tokenizer"], paths["lm"], paths["checkpoints"],
+                      paths["metrics"], run_log)
+        if leader:
+            run_log.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
+            run_log.log_artifact(paths["lm"], "lm")
+    if not metrics:
+        return ""
+    return (f"pretrain: {metrics['steps']} steps, val bits/byte {metrics['val_bits_per_byte']} "
+            f"(unigram {metrics['unigram_val_bits_per_byte']}), {metrics['tokens_per_s']} tokens/s, "
+            f"MFU {metrics['mfu']:.1%} -> {paths['lm']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("pretrain", __doc__, execute, argv, errors=(TrainingError,))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Outputs:
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -27,9 +26,10 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from pipeline.config import PROJECT_ROOT, Config, ConfigError, Tokenize, load_config
+from pipeline.config import PROJECT_ROOT, Config, Tokenize
 from pipeline.files import InputError, atomic_dir, file_digest, write_json
 from pipeline.shards import MANIFEST, write_shard
+from pipeline.stagecli import stage_main
 
 SPLITS = ("train", "val", "test")
 BYTE_ALPHABET = 256
@@ -229,31 +229,27 @@ def run(
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.tokenize", description=__doc__.split("\n")[0])
-    parser.add_argument("--params", type=Path, default=PROJECT_ROOT / "params.yaml", help="params file")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+def execute(cfg: Config) -> str:
+    """The stage as DVC runs it: paths from params, one MLflow run, a summary line."""
     from pipeline import tracking
 
-    try:
-        cfg = load_config(args.params)
-        clean_dir = PROJECT_ROOT / cfg.paths.clean
-        tokenizer_dir, tokens_dir = PROJECT_ROOT / cfg.paths.tokenizer, PROJECT_ROOT / cfg.paths.tokens
-        metrics_path = PROJECT_ROOT / cfg.paths.metrics / "tokenize.json"
-        outputs = {"tokenizer": tokenizer_dir, "tokens": tokens_dir}
-        with tracking.stage_run("tokenize", cfg.tracking, cfg.tokenize.model_dump(), {"clean": clean_dir},
-                                outputs) as run_log:
-            metrics = run(cfg, clean_dir, tokenizer_dir, tokens_dir, metrics_path)
-            run_log.log_metrics(tracking.numeric_leaves(metrics))
-            run_log.log_artifact(tokenizer_dir / "tokenizer.json", "tokenizer")
-            run_log.log_artifact(tokens_dir / MANIFEST, "tokens")
-    except (InputError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"tokenize: vocab {metrics['vocab_size']}, tokens {metrics['tokens']}, "
-          f"{metrics['seconds']} s -> {tokens_dir}")
-    return 0
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    clean_dir = PROJECT_ROOT / cfg.paths.clean
+    tokenizer_dir, tokens_dir = PROJECT_ROOT / cfg.paths.tokenizer, PROJECT_ROOT / cfg.paths.tokens
+    metrics_path = PROJECT_ROOT / cfg.paths.metrics / "tokenize.json"
+    outputs = {"tokenizer": tokenizer_dir, "tokens": tokens_dir}
+    with tracking.stage_run("tokenize", cfg.tracking, cfg.tokenize.model_dump(), {"clean": clean_dir},
+                            outputs) as run_log:
+        metrics = run(cfg, clean_dir, tokenizer_dir, tokens_dir, metrics_path)
+        run_log.log_metrics(tracking.numeric_leaves(metrics))
+        run_log.log_artifact(tokenizer_dir / "tokenizer.json", "tokenizer")
+        run_log.log_artifact(tokens_dir / MANIFEST, "tokens")
+    return (f"tokenize: vocab {metrics['vocab_size']}, tokens {metrics['tokens']}, "
+            f"{metrics['seconds']} s -> {tokens_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("tokenize", __doc__, execute, argv)
 
 
 if __name__ == "__main__":

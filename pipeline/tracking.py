@@ -56,15 +56,20 @@ def path_md5(path: Path) -> str:
     return hashlib.md5(json.dumps(entries).encode()).hexdigest() + ".dir"
 
 
-def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    flat: dict[str, str] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
+def leaves(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The non-mapping values of a nested mapping, keyed by their dotted path."""
+    found: dict[str, Any] = {}
+    for key, value in data.items():
         if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}."))
+            found.update(leaves(value, f"{prefix}{key}."))
         else:
-            flat[name] = str(value)[:6000]
-    return flat
+            found[f"{prefix}{key}"] = value
+    return found
+
+
+def flatten(params: Mapping[str, Any]) -> dict[str, str]:
+    """Params as MLflow stores them: dotted keys, string values (MLflow caps them at 6000 chars)."""
+    return {key: str(value)[:6000] for key, value in leaves(params).items()}
 
 
 class StageRun:
@@ -143,13 +148,7 @@ def stage_run(
         raise
 
 
-def numeric_leaves(data: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+def numeric_leaves(data: Mapping[str, Any]) -> dict[str, float]:
     """Every number in a nested report, keyed by its dotted path (what MLflow takes as metrics)."""
-    leaves: dict[str, float] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            leaves.update(numeric_leaves(value, f"{name}."))
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            leaves[name] = float(value)
-    return leaves
+    return {key: float(value) for key, value in leaves(data).items()
+            if isinstance(value, int | float) and not isinstance(value, bool)}
