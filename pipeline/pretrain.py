@@ -84,12 +84,17 @@ def peak_flops(device: torch.device) -> float:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), 0.0)
+    # best of several timed trials after a warm-up: a single cold timing reads far too low
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    a @ b
-    started, reps = time.perf_counter(), 8
-    for _ in range(reps):
+    for _ in range(4):
         a @ b
-    return reps * 2 * 1024**3 / (time.perf_counter() - started)
+    best = float("inf")
+    for _ in range(12):
+        started = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = min(best, time.perf_counter() - started)
+    return 4 * 2 * 1024**3 / best
 
 
 def distributed() -> tuple[int, int, torch.device]:
