@@ -31,12 +31,23 @@ DROPPED_LINK_PREFIX = re.compile(
     r"^\s*:?\s*(file|image|media|category|[a-z]{2,3}(-[a-z]{2,8})?|wikt|wiktionary|commons|s|q)\s*:",
     re.IGNORECASE,
 )
-STYLE_QUOTES = re.compile(r"'{2,}")
+STYLE_QUOTES = re.compile(r"''+")  # not '{2,}: a literal prefix lets the engine skip ahead
 COMMENT = re.compile(r"<!--.*?(-->|$)", re.DOTALL)
 REF_TAG = re.compile(r"<ref\b[^>]*?/>|<ref\b[^>]*>.*?</ref\s*>", re.DOTALL | re.IGNORECASE)
 TEMPLATE_TOKEN = re.compile(r"\{\{|\}\}")
 TABLE_TOKEN = re.compile(r"^[ \t]*\{\||^[ \t]*\|\}", re.MULTILINE)
 MEDIA_LINK_START = re.compile(r"\[\[\s*:?\s*(file|image|media)\s*:", re.IGNORECASE)
+LINK_TOKEN = re.compile(r"\[\[|\]\]")
+# A one-line wikilink, [[title]] or [[title|text]], with no link inside: the parser's costliest node
+# (its builder is pure Python) and the most common, so it is replaced by its text before parsing.
+# The title excludes what makes the parser read the whole as text instead ([]{}<>| and newlines).
+SIMPLE_WIKILINK = re.compile(r"\[\[([^\[\]{}<>|\n]*)(?:\|([^\[\]\n]*))?\]\]")
+# Headings and list markers (';' definition lines aside) are the next most common nodes; both become
+# their line breaks and text as `_plain` renders them. Neither is replaced where what would then start
+# a line is markup there (a heading, list, table or rule): the parser handles those few.
+HEADING_LINE = re.compile(r"^(={1,6})(.+?)(={1,6})[ \t]*$", re.MULTILINE)
+LIST_MARKERS = re.compile(r"^[*#:]++(?![=*#:;{-])", re.MULTILINE)
+LINE_START_MARKUP = tuple("=*#:;{-")
 DROPPED_TAGS = frozenset(
     {"ref", "references", "table", "gallery", "math", "chem", "score", "timeline", "imagemap",
      "syntaxhighlight", "source", "pre", "nowiki", "templatedata", "graph", "mapframe", "hiero"}
@@ -45,6 +56,10 @@ LINE_BREAK_TAGS = frozenset({"br", "p", "div", "li", "dd", "dt", "tr"})
 # What survives a parse of broken markup: table rows, unmatched template or link braces.
 MARKUP_LEFTOVER_LINE = re.compile(r"^\s*(\{\||\|\}|\|-|\|\+|!\s)")
 MARKUP_LEFTOVER = re.compile(r"\{\{|\}\}|\[\[|\]\]|<ref[^>]*>|</ref>|\{\||\|\}|__[A-Z]+__")
+# Whitespace runs that `normalize_whitespace` (SPACES) changes: a lone ' ' is left alone, so one pass
+# over the whole text makes far fewer replacements than SPACES does line by line.
+_SPACE = r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]"
+SPACES_TO_COLLAPSE = re.compile(rf" ?(?:  |[\t\u00a0\u2000-\u200a\u202f\u205f\u3000]){_SPACE}*")
 
 # Characters of the high halves of cp1252 and Mac Roman: the alphabet of mojibake in English text.
 _LEGACY_HIGH = "".join(
@@ -124,7 +139,33 @@ def drop_unwanted_markup(wikitext: str) -> str:
     text = REF_TAG.sub("", text)
     text = drop_balanced(text, TEMPLATE_TOKEN, "{{")
     text = drop_balanced(text, TABLE_TOKEN, "{|")
-    return drop_media_links(text)
+    text = SIMPLE_WIKILINK.sub(_link_text, drop_media_links(text))
+    text = HEADING_LINE.sub(_heading_text, text)
+    return LIST_MARKERS.sub(lambda m: "\n" * len(m.group()), text)
+
+
+def _link_text(match: re.Match[str]) -> str:
+    """What a wikilink shows, as `_plain` renders it: its text, else its title without the anchor;
+    nothing for category, media and interlanguage links."""
+    title, text = match.groups()
+    shown = "" if DROPPED_LINK_PREFIX.match(title) else text or title.split("#")[0]
+    # Left to the parser where the text would change the line's structure: start it with markup (or
+    # bring what follows the link to its start), add '=' to a heading, or ':' to a definition line.
+    string, start = match.string, match.start()
+    line_start = string.rfind("\n", 0, start) + 1
+    at_head = not string[line_start:start].lstrip("*#:;=")
+    if ((at_head and (not shown or shown.startswith(LINE_START_MARKUP)))
+            or ("=" in shown and string.startswith("=", line_start))
+            or (":" in shown and string.startswith(";", line_start))):
+        return match.group()
+    return shown
+
+
+def _heading_text(match: re.Match[str]) -> str:
+    left, title, right = match.groups()
+    level = min(len(left), len(right))
+    title = (left[level:] + title + right[level:]).strip()
+    return match.group() if title.startswith(LINE_START_MARKUP) else f"\n{title}\n"
 
 
 def drop_media_links(wikitext: str) -> str:
@@ -135,18 +176,14 @@ def drop_media_links(wikitext: str) -> str:
     for match in MEDIA_LINK_START.finditer(wikitext):
         if match.start() < position:
             continue  # inside a block already removed
-        depth, i = 0, match.start()
-        while i < len(wikitext) - 1:
-            pair = wikitext[i : i + 2]
-            if pair in ("[[", "]]"):
-                depth += 1 if pair == "[[" else -1
-                i += 2
-                if depth == 0:
-                    break
-            else:
-                i += 1
+        depth, end = 0, len(wikitext)  # an unclosed block runs to the end
+        for token in LINK_TOKEN.finditer(wikitext, match.start()):
+            depth += 1 if token.group() == "[[" else -1
+            if depth == 0:
+                end = token.end()
+                break
         parts.append(wikitext[position : match.start()])
-        position = i
+        position = end
     parts.append(wikitext[position:])
     return "".join(parts)
 
@@ -156,8 +193,10 @@ def wikitext_to_text(wikitext: str) -> str:
     # Bold/italic quotes are left as text (parsing them builds many nodes) and removed here.
     code = mwparserfromhell.parse(drop_unwanted_markup(wikitext), skip_style_tags=True)
     text = STYLE_QUOTES.sub("", _plain(code))
-    lines = [ln for ln in text.split("\n") if not MARKUP_LEFTOVER_LINE.match(ln)]
-    return normalize_whitespace(MARKUP_LEFTOVER.sub("", "\n".join(lines)))
+    text = "\n".join(ln for ln in text.split("\n") if not MARKUP_LEFTOVER_LINE.match(ln))
+    # normalize_whitespace, exactly (a '\r' before '\n' is stripped with the line), in fewer passes
+    text = SPACES_TO_COLLAPSE.sub(" ", MARKUP_LEFTOVER.sub("", text))
+    return BLANK_LINES.sub("\n\n", "\n".join(ln.strip() for ln in text.split("\n"))).strip()
 
 
 def normalize_whitespace(text: str) -> str:
