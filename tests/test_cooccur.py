@@ -1,0 +1,116 @@
+"""The cooccur stage against a brute-force count of the same real text, and its bad inputs."""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections import Counter
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import cooccur
+from pipeline.config import ConfigError, parse_config
+from pipeline.files import InputError
+from pipeline.shards import TokenShards, read_manifest
+
+
+def brute_force(documents: list[list[Any]], min_count: int, window: int) -> tuple[list[Any], dict]:
+    """GloVe's cooccur.c, literally: drop rare units, then add 1/d both ways for every pair in reach."""
+    counts = Counter(u for doc in documents for u in doc)
+    vocab = sorted((u for u, c in counts.items() if c >= min_count), key=lambda u: (-counts[u], u))
+    row = {u: i for i, u in enumerate(vocab)}
+    matrix: dict[tuple[int, int], Fraction] = {}
+    for doc in documents:
+        kept = [row[u] for u in doc if u in row]
+        for j in range(len(kept)):
+            for k in range(max(0, j - window), j):
+                for pair in ((kept[k], kept[j]), (kept[j], kept[k])):
+                    matrix[pair] = matrix.get(pair, Fraction(0)) + Fraction(1, j - k)
+    return vocab, matrix
+
+
+def stage_matrix(out_dir: Path) -> tuple[list[str], dict]:
+    table = pq.read_table(out_dir / cooccur.COOCCUR_FILE).to_pydict()
+    vocab = pq.read_table(out_dir / cooccur.VOCAB_FILE).column("unit").to_pylist()
+    return vocab, {(r, c): v for r, c, v in zip(table["row"], table["col"], table["value"], strict=True)}
+
+
+def run_cooccur(root: Path, params: dict[str, Any], out: Path, **overrides: Any) -> dict[str, Any]:
+    params = copy.deepcopy(params)
+    params["cooccur"].update(overrides)
+    return cooccur.run(parse_config(params), root / "clean", root / "tokenizer", root / "tokens", out,
+                       out.parent / f"{out.name}.json")
+
+
+@pytest.mark.parametrize("window", [15, 3])
+def test_word_counts_equal_a_brute_force_count_exactly(small_project, tmp_path, window):
+    root, params = small_project
+    # 10 KiB of pair buffer: counted in several spilled chunks, merged in several blocks
+    metrics = run_cooccur(root, params, tmp_path / "co", window=window, memory_mb=0.01)
+    assert metrics["chunks"] > 1
+    texts = list(cooccur.train_texts(root / "clean" / cooccur.CORPUS_FILE))
+    pattern = re.compile(params["cooccur"]["word_pattern"])
+    vocab, expected = brute_force([pattern.findall(t.lower()) for t in texts], 5, window)
+    got_vocab, got = stage_matrix(tmp_path / "co")
+    assert got_vocab == vocab
+    assert len(got) == len(expected) == metrics["nnz"]
+    assert all(got[key] == float(value) for key, value in expected.items())  # exact, not approximately
+    assert all(got[(c, r)] == v for (r, c), v in got.items())  # symmetric
+    assert metrics["sum"] == pytest.approx(float(sum(expected.values())), abs=1e-6)  # rounded to 6 places
+
+
+def test_token_counts_equal_a_brute_force_count_exactly(small_project, tmp_path):
+    root, params = small_project
+    metrics = run_cooccur(root, params, tmp_path / "co", unit="token", window=4, min_count=3, memory_mb=0.05)
+    shards = TokenShards(root / "tokens", "train")
+    manifest = read_manifest(root / "tokens")
+    specials = {manifest["eot_id"], manifest["pad_id"]}
+    documents = [[int(t) for t in doc if int(t) not in specials] for doc in shards.documents()]
+    ids, expected = brute_force(documents, 3, 4)
+    token_ids = pq.read_table(tmp_path / "co" / cooccur.VOCAB_FILE).column("token_id").to_pylist()
+    _, got = stage_matrix(tmp_path / "co")
+    assert sorted(token_ids) == sorted(ids)  # the same units (equal counts may rank differently)
+    rank = {token: i for i, token in enumerate(ids)}
+    remap = [rank[t] for t in token_ids]  # stage row -> brute-force row
+    assert len(got) == len(expected) == metrics["nnz"]
+    assert all(float(expected[(remap[r], remap[c])]) == v for (r, c), v in got.items())
+
+
+def test_memory_budget_does_not_change_the_output(tiny_project, tmp_path):
+    root, params = tiny_project
+    small = run_cooccur(root, params, tmp_path / "small", memory_mb=0.5)
+    large = run_cooccur(root, params, tmp_path / "large", memory_mb=256)
+    assert small["chunks"] > 1 and large["chunks"] == 1
+    for name in (cooccur.COOCCUR_FILE, cooccur.VOCAB_FILE):
+        assert pq.read_table(tmp_path / "small" / name).equals(pq.read_table(tmp_path / "large" / name))
+
+
+def test_window_below_one_is_refused(tiny_project):
+    params = copy.deepcopy(tiny_project[1])
+    params["cooccur"]["window"] = 0
+    with pytest.raises(ConfigError, match=r"cooccur\.window"):
+        parse_config(params)
+
+
+def test_empty_vocabulary_is_refused(tiny_project, tmp_path):
+    root, params = tiny_project
+    with pytest.raises(InputError, match="min_count=1000000 "):
+        run_cooccur(root, params, tmp_path / "co", min_count=1_000_000)
+    assert not (tmp_path / "co").exists()  # nothing half-written
+
+
+def test_empty_train_split_is_refused(tiny_project, tmp_path):
+    root, params = tiny_project
+    table = pq.read_table(root / "clean" / cooccur.CORPUS_FILE)
+    (tmp_path / "clean").mkdir()
+    pq.write_table(table.filter(pq.read_table(root / "clean" / cooccur.CORPUS_FILE)
+                                .column("split").to_numpy(zero_copy_only=False) != "train"),
+                   tmp_path / "clean" / cooccur.CORPUS_FILE)
+    params = copy.deepcopy(params)
+    with pytest.raises(InputError, match="train has no words"):
+        cooccur.run(parse_config(params), tmp_path / "clean", root / "tokenizer", root / "tokens",
+                    tmp_path / "co", tmp_path / "co.json")
