@@ -5,6 +5,7 @@ come from safetensors, training state through `torch.load(weights_only=True)`.""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,17 @@ CONFIG = "config.json"
 STATE = "state.pt"
 
 
+def is_tied_head(key: str) -> bool:
+    """The language-model head, tied to the token embedding (also inside a classifier's backbone)."""
+    return key == "head.weight" or key.endswith(".head.weight")
+
+
 def save_model(directory: Path, model: nn.Module, extra: dict[str, Any] | None = None) -> None:
     """Weights + config.json, written atomically as one directory."""
     with atomic_dir(directory) as tmp:
         # tied weights share storage: safetensors stores each tensor once, so drop the alias
         state = model.state_dict()
-        weights = {k: v.detach().cpu().contiguous() for k, v in state.items() if k != "head.weight"}
+        weights = {k: v.detach().cpu().contiguous() for k, v in state.items() if not is_tied_head(k)}
         save_file(weights, str(tmp / WEIGHTS))
         config = {"model": model_config(model), "sha256": file_digest(tmp / WEIGHTS), **(extra or {})}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -49,7 +55,7 @@ def load_model(directory: Path) -> tuple[nn.Module, dict[str, Any]]:
     model = build_model(config["model"])
     state = load_file(str(weights))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if k != "head.weight"]:
+    if unexpected or [k for k in missing if not is_tied_head(k)]:
         raise InputError(f"{weights}: weights do not fit the model config ({missing or unexpected})")
     return model, config
 
@@ -64,3 +70,32 @@ def load_state(path: Path) -> dict[str, Any]:
         return torch.load(path, weights_only=True)
     except Exception as exc:  # an unpickling refusal or a corrupt file
         raise InputError(f"{path}: not a loadable training state: {exc}") from None
+
+
+def restore(checkpoints: Path, expected: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+            fresh: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The training progress saved in `checkpoints` when it belongs to this run (same fingerprint),
+    with the model, optimizer and torch RNG restored; else `fresh`."""
+    if not (checkpoints / STATE).exists():
+        return fresh
+    state = load_state(checkpoints / STATE)
+    if state.get("fingerprint") != expected:
+        print(f"{stage}: checkpoint belongs to other params or data; starting fresh", file=sys.stderr)
+        return fresh
+    if state.get("best_saved") and not (checkpoints / "best" / CONFIG).exists():
+        print(f"{stage}: checkpoint has lost its best model; starting fresh", file=sys.stderr)
+        return fresh
+    saved, _ = load_model(checkpoints / "model")
+    model.load_state_dict(saved.state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    print(f"{stage}: resuming at step {state['step']}", file=sys.stderr)
+    return {k: state.get(k, default) for k, default in fresh.items()}
+
+
+def write_checkpoint(checkpoints: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     progress: dict[str, Any], fingerprint: str) -> None:
+    """Weights (`checkpoints/model`) and the training state beside them, each written atomically."""
+    save_model(checkpoints / "model", model, {"step": progress["step"]})
+    save_state(checkpoints / STATE, {**progress, "optimizer": optimizer.state_dict(),
+                                     "torch_rng": torch.get_rng_state(), "fingerprint": fingerprint})

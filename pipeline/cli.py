@@ -36,6 +36,8 @@ STAGES = {
     "cooccur": "Count co-occurrences over the train split",
     "glove": "Train GloVe vectors and evaluate them on word benchmarks",
     "pretrain": "Train the language model (torchrun for several processes)",
+    "finetune": "Fine-tune a sentiment classifier on the pretrained model",
+    "evaluate": "Evaluate the models against baselines and write reports/report.html",
 }
 
 
@@ -73,6 +75,31 @@ def generate(
     except InputError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+
+
+@app.command()
+def classify(
+    texts: Annotated[list[str], typer.Argument(help="texts to classify")],
+    model: Annotated[Path, typer.Option("--model", help="a classifier directory")] = Path("data/classifier"),
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Print the predicted label and the class probabilities of each text."""
+    import json
+
+    from pipeline.classify import Classifier
+    from pipeline.files import InputError
+
+    try:
+        classifier = Classifier.load(model)
+    except InputError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    labels, probs = classifier.predict(texts)
+    for text, label, row in zip(texts, labels, probs, strict=True):
+        scores = {name: round(float(p), 4) for name, p in zip(classifier.labels, row, strict=True)}
+        line = json.dumps({"text": text, "label": label, "probabilities": scores}) if as_json else \
+            f"{label}\t" + "  ".join(f"{n}={p:.3f}" for n, p in scores.items()) + f"\t{text}"
+        typer.echo(line)
 
 
 @app.command()

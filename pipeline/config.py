@@ -232,6 +232,44 @@ class Glove(Section):
     neighbours: int = Field(8, ge=1)
 
 
+# ---------------------------------------------------------------- fine-tuning and evaluation
+
+
+class Finetune(Section):
+    """A classification head on the pretrained model, trained on the labeled set's train split."""
+
+    mode: Literal["full", "frozen"] = Field("full", description="frozen: train the head only (linear probe)")
+    pooling: Literal["last", "mean"] = Field("mean", description="last real position, or the mean of all")
+    class_weights: bool = Field(True, description="weight the loss by inverse class frequency")
+    epochs: int = Field(2, ge=1, description="passes over the train examples (early stopping may stop first)")
+    max_examples: int | None = Field(None, ge=1, description="use only this many train examples")
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(5e-4, gt=0, description="backbone peak learning rate (mode full)")
+    head_learning_rate: float = Field(3e-3, gt=0, description="classification head peak learning rate")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="end of the cosine decay, a share of the peak")
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.01, ge=0, description="applied to matrices only")
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 = off")
+    eval_every: int = Field(200, ge=1, description="steps between validations (macro-F1 on val)")
+    patience: int = Field(3, ge=1, description="validations without improvement before stopping")
+    checkpoint_every: int = Field(200, ge=1)
+    resume: Literal["auto", "never"] = "auto"
+    seed: int = 1337
+
+
+class Evaluate(Section):
+    bigram_k: float = Field(0.01, gt=0, description="add-k smoothing of the bigram baseline")
+    tfidf_max_features: int | None = Field(None, ge=1, description="cap the baseline's vocabulary")
+    samples: list[str] = Field(
+        default_factory=lambda: ["The history of", "In mathematics,", "The city is"],
+        description="prompts for the report's generated samples",
+    )
+    sample_tokens: int = Field(40, ge=1)
+    sample_seed: int = 0
+    temperature: float = Field(0.8, ge=0)
+    top_k: int = Field(50, ge=1)
+
+
 # ---------------------------------------------------------------- paths and tracking
 
 
@@ -246,6 +284,9 @@ class Paths(Section):
     glove: str = "data/glove"
     lm: str = "data/lm"
     checkpoints: str = "checkpoints/pretrain"
+    classifier: str = "data/classifier"
+    finetune_checkpoints: str = "checkpoints/finetune"
+    reports: str = "reports"
     metrics: str = "metrics"
 
 
@@ -269,6 +310,8 @@ class Config(Section):
     cooccur: Cooccur = Cooccur()
     glove: Glove = Glove()
     pretrain: Pretrain = Pretrain()
+    finetune: Finetune = Finetune()
+    evaluate: Evaluate = Evaluate()
     tracking: Tracking = Tracking()
 
 

@@ -32,12 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.checkpoint import CONFIG, STATE, load_model, load_state, save_model, save_state
+from pipeline.checkpoint import load_model, restore, save_model, write_checkpoint
 from pipeline.config import PROJECT_ROOT, Config, Pretrain
 from pipeline.files import InputError, atomic_dir, file_digest, write_json
 from pipeline.models import build_model
+from pipeline.ngram import unigram_bits_per_token
 from pipeline.shards import TokenShards, WindowPosition, read_manifest
 from pipeline.stagecli import stage_main
+from pipeline.training import autocast, decay_groups, warmup_cosine
 
 # Dense bf16 peak FLOP/s by device name (vendor datasheets); a CPU's peak is measured instead.
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -48,19 +50,12 @@ class TrainingError(RuntimeError):
 
 
 def lr_at(step: int, cfg: Pretrain) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    cosine = 0.5 * (1 + math.cos(math.pi * progress))
-    return cfg.min_learning_rate + cosine * (cfg.learning_rate - cfg.min_learning_rate)
+    return warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.learning_rate, cfg.min_learning_rate)
 
 
 def optimizer_for(model: nn.Module, cfg: Pretrain) -> torch.optim.AdamW:
     """Decay matrices only; embeddings (and the head tied to them), biases and norms are exempt."""
-    decay, exempt = [], []
-    for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 and not name.startswith(("wte.", "wpe.")) else exempt).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": exempt, "weight_decay": 0.0}]
+    groups = decay_groups(model.named_parameters(), cfg.weight_decay, ("wte.", "wpe."))
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
 
 
@@ -136,12 +131,6 @@ def distributed() -> tuple[int, int, torch.device]:
     return rank, dist.get_world_size(), device
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()  # bf16 on CPU is ~100x slower than fp32 here
-
-
 def batch_loss(model: nn.Module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     with autocast(device):
         logits = model(batch[:, :-1])
@@ -161,45 +150,10 @@ def evaluate(model: nn.Module, windows: np.ndarray, batch_size: int, device: tor
     return total / count
 
 
-def unigram_bits_per_token(train: TokenShards, val: TokenShards, vocab_size: int) -> float:
-    """Cross-entropy of the val tokens under add-one unigram counts of the train split."""
-    counts = sum(np.bincount(a, minlength=vocab_size) for a in train.arrays).astype(np.float64) + 1
-    log_p = np.log2(counts / counts.sum())
-    val_counts = sum(np.bincount(a, minlength=vocab_size) for a in val.arrays)
-    return float(-(val_counts * log_p).sum() / val_counts.sum())
-
-
 def fresh_progress() -> dict[str, Any]:
     # timing is cumulative over every process that trained this run, so a resumed run reports it all
-    return {"step": 0, "best_val": float("inf"), "bad_evals": 0, "train_curve": [], "val_curve": [],
-            "seconds_training": 0.0, "seconds_waiting": 0.0}
-
-
-def restore(checkpoints: Path, expected: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The saved training state when it belongs to this run (same fingerprint), else a fresh one."""
-    fresh = fresh_progress()
-    if not (checkpoints / STATE).exists():
-        return fresh
-    state = load_state(checkpoints / STATE)
-    if state.get("fingerprint") != expected:
-        print("pretrain: checkpoint belongs to other params or data; starting fresh", file=sys.stderr)
-        return fresh
-    if math.isfinite(state["best_val"]) and not (checkpoints / "best" / CONFIG).exists():
-        print("pretrain: checkpoint has lost its best model; starting fresh", file=sys.stderr)
-        return fresh
-    saved, _ = load_model(checkpoints / "model")
-    model.load_state_dict(saved.state_dict())
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    print(f"pretrain: resuming at step {state['step']}", file=sys.stderr)
-    return {k: state.get(k, default) for k, default in fresh.items()}
-
-
-def write_checkpoint(checkpoints: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     progress: dict[str, Any], run_fingerprint: str) -> None:
-    save_model(checkpoints / "model", model, {"step": progress["step"]})
-    save_state(checkpoints / STATE, {**progress, "optimizer": optimizer.state_dict(),
-                                     "torch_rng": torch.get_rng_state(), "fingerprint": run_fingerprint})
+    return {"step": 0, "best_val": float("inf"), "best_saved": False, "bad_evals": 0, "train_curve": [],
+            "val_curve": [], "seconds_training": 0.0, "seconds_waiting": 0.0}
 
 
 def write_curves(plots: Path, progress: dict[str, Any]) -> None:
@@ -230,7 +184,8 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
     optimizer = optimizer_for(model, p)
     run_fingerprint = fingerprint(p, data_digest)
     resuming = p.resume == "auto"
-    progress = restore(checkpoints, run_fingerprint, model, optimizer) if resuming else fresh_progress()
+    progress = restore(checkpoints, run_fingerprint, model, optimizer, fresh_progress(), "pretrain") \
+        if resuming else fresh_progress()
     trained: nn.Module = DistributedDataParallel(model) if world > 1 else model
     if p.compile:
         trained = torch.compile(trained)  # type: ignore[assignment]
@@ -276,7 +231,7 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
             if tracked is not None and rank == 0:
                 tracked.log_metrics({"val_loss": val_loss}, step=step)
             if val_loss < progress["best_val"]:
-                progress["best_val"], progress["bad_evals"] = val_loss, 0
+                progress["best_val"], progress["bad_evals"], progress["best_saved"] = val_loss, 0, True
                 if rank == 0:
                     extra = {"step": step, "val_loss": val_loss, "eot_id": manifest["eot_id"]}
                     save_model(checkpoints / "best", model, extra)

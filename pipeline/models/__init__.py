@@ -8,14 +8,19 @@ from typing import Any
 
 from torch import nn
 
+from pipeline.models.classifier import SequenceClassifier
 from pipeline.models.gpt import GPT, GPTConfig
 from pipeline.models.recurrent import RecurrentConfig, RecurrentLM
 
-__all__ = ["GPT", "GPTConfig", "RecurrentConfig", "RecurrentLM", "build_model", "model_config"]
+__all__ = ["GPT", "GPTConfig", "RecurrentConfig", "RecurrentLM", "SequenceClassifier", "build_model",
+           "model_config"]
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
-    """A model from its config dict: {"arch": "gpt" | "lstm" | "gru", ...fields}."""
+    """A model from its config dict: {"arch": "gpt" | "lstm" | "gru", ...fields}, or
+    {"arch": "classifier", "backbone": {...}, "n_classes": N, "pooling": "last" | "mean"}."""
+    if config["arch"] == "classifier":
+        return SequenceClassifier(build_model(config["backbone"]), config["n_classes"], config["pooling"])
     fields = {k: v for k, v in config.items() if k != "arch"}
     if config["arch"] == "gpt":
         return GPT(GPTConfig(**fields))
@@ -29,6 +34,9 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     """The config dict `build_model` takes back (what a checkpoint's config.json holds)."""
     if isinstance(model, GPT):
         return {"arch": "gpt", **asdict(model.cfg)}
+    if isinstance(model, SequenceClassifier):
+        return {"arch": "classifier", "backbone": model_config(model.backbone), "n_classes": model.n_classes,
+                "pooling": model.pooling}
     if isinstance(model, RecurrentLM):
         fields = asdict(model.cfg)
         return {"arch": fields.pop("cell"), **fields}
