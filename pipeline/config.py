@@ -144,6 +144,10 @@ class Tokenize(Section):
     shard_tokens: int = Field(1_048_576, ge=1024, description="tokens per shard (the last is shorter)")
     batch_documents: int = Field(256, ge=1, description="documents encoded per encode_batch call")
     max_length: int = Field(128, ge=2, description="labeled examples are truncated to this many tokens")
+    include_labeled_train: bool = Field(
+        False, description="domain-adaptive pretraining: add the labeled set's train texts (not their "
+        "labels) to the tokenizer's training text and to the train shards",
+    )
 
 
 # ---------------------------------------------------------------- pretrain

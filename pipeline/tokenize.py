@@ -48,7 +48,15 @@ def read_texts(path: Path, split: str, batch: int = READ_BATCH) -> Iterator[list
             yield chosen
 
 
-def train_tokenizer(corpus: Path, cfg: Tokenize) -> Tokenizer:
+def pretraining_texts(corpus: Path, labeled: Path, split: str, cfg: Tokenize,
+                      batch: int = READ_BATCH) -> Iterator[list[str]]:
+    """The corpus texts of a split, then (train only, with `include_labeled_train`) the labeled texts."""
+    yield from read_texts(corpus, split, batch)
+    if split == "train" and cfg.include_labeled_train:
+        yield from read_texts(labeled, split, batch)
+
+
+def train_tokenizer(corpus: Path, labeled: Path, cfg: Tokenize) -> Tokenizer:
     """Byte-level BPE on the train split only; no normaliser, so decoding gives the text back exactly."""
     specials = [cfg.eot_token, cfg.pad_token]
     if cfg.vocab_size < BYTE_ALPHABET + len(specials):
@@ -63,7 +71,7 @@ def train_tokenizer(corpus: Path, cfg: Tokenize) -> Tokenizer:
         vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    texts = (t for batch in read_texts(corpus, "train") for t in batch)
+    texts = (t for batch in pretraining_texts(corpus, labeled, "train", cfg) for t in batch)
     tokenizer.train_from_iterator(texts, trainer)
     return tokenizer
 
@@ -126,9 +134,10 @@ class ShardWriter:
 
 
 def encode_corpus(
-    tokenizer: Tokenizer, corpus: Path, out_dir: Path, cfg: Tokenize, dtype: np.dtype
+    tokenizer: Tokenizer, corpus: Path, labeled: Path, out_dir: Path, cfg: Tokenize, dtype: np.dtype
 ) -> dict[str, ShardWriter]:
-    """One streaming pass over the corpus, every split into its own fixed-size shards."""
+    """One streaming pass over the corpus, every split into its own fixed-size shards (then, with
+    `include_labeled_train`, the labeled train texts appended to the train shards)."""
     eot = tokenizer.token_to_id(cfg.eot_token)
     writers = {split: ShardWriter(out_dir, split, eot, cfg, dtype) for split in SPLITS}
     progress = tqdm(desc="tokenize", unit="doc", disable=None, file=sys.stderr)
@@ -142,6 +151,10 @@ def encode_corpus(
             if chosen:
                 writer.add([texts[i] for i in chosen], [encodings[i] for i in chosen])
         progress.update(len(texts))
+    if cfg.include_labeled_train:
+        for texts in read_texts(labeled, "train", cfg.batch_documents):
+            writers["train"].add(texts, tokenizer.encode_batch_fast(texts, add_special_tokens=False))
+            progress.update(len(texts))
     progress.close()
     for writer in writers.values():
         writer.close(corpus)
@@ -191,12 +204,12 @@ def run(
     if tok_cfg.tokenizer_file:
         tokenizer = load_tokenizer(PROJECT_ROOT / tok_cfg.tokenizer_file, tok_cfg)
     else:
-        tokenizer = train_tokenizer(corpus, tok_cfg)
+        tokenizer = train_tokenizer(corpus, labeled, tok_cfg)
     vocab_size = tokenizer.get_vocab_size()
     dtype = token_dtype(vocab_size)
     with atomic_dir(tokenizer_dir) as tok_tmp, atomic_dir(tokens_dir) as tmp:
         tokenizer.save(str(tok_tmp / "tokenizer.json"))
-        writers = encode_corpus(tokenizer, corpus, tmp, tok_cfg, dtype)
+        writers = encode_corpus(tokenizer, corpus, labeled, tmp, tok_cfg, dtype)
         shards = [shard for split in SPLITS for shard in writers[split].shards]
         text_bytes = {split: writers[split].text_bytes for split in SPLITS}
         labeled_summary = encode_labeled(tokenizer, labeled, tmp, tok_cfg)

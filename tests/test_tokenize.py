@@ -243,3 +243,19 @@ def test_reusing_a_tokenizer_file_gives_the_same_ids(tokenized: tuple[Path, dict
     run_stage(parse_config(params), tmp_path)
     assert file_digest(tmp_path / "tokens" / "val" / "val-00000.arrow") == \
         file_digest(root / "tokens" / "val" / "val-00000.arrow")
+
+
+def test_domain_adaptive_pretraining_appends_labeled_train_texts(real_clean: Path, tmp_path: Path) -> None:
+    small_clean_dir(tmp_path, real_clean)
+    params = tiny_params(tmp_path)
+    params["tokenize"]["include_labeled_train"] = True
+    run_stage(parse_config(params), tmp_path)
+    tokenizer = Tokenizer.from_file(str(tmp_path / "tokenizer" / "tokenizer.json"))
+    corpus = pq.read_table(tmp_path / "clean" / clean.CORPUS_FILE).to_pydict()
+    labeled = pq.read_table(tmp_path / "clean" / clean.LABELED_FILE).to_pydict()
+    expected = [t for t, s in zip(corpus["text"], corpus["split"], strict=True) if s == "train"]
+    expected += [t for t, s in zip(labeled["text"], labeled["split"], strict=True) if s == "train"]
+    docs = [tokenizer.decode(d.tolist()) for d in TokenShards(tmp_path / "tokens", "train").documents()]
+    assert docs == expected  # the corpus, then the labeled train texts; val and test shards unchanged
+    val = [t for t, s in zip(corpus["text"], corpus["split"], strict=True) if s == "val"]
+    assert [tokenizer.decode(d.tolist()) for d in TokenShards(tmp_path / "tokens", "val").documents()] == val
