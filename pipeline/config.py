@@ -301,6 +301,8 @@ class Tracking(Section):
     uri: str | None = Field(
         None, description="MLflow tracking URI; default sqlite:///<project>/mlflow.db"
     )
+    classifier_model: str = Field("sentiment-classifier", description="registered model name (finetune)")
+    lm_model: str = Field("pretrained-lm", description="registered model name (pretrain)")
 
 
 # ---------------------------------------------------------------- the whole file

@@ -407,6 +407,8 @@ def execute(cfg: Config) -> str:
         numeric = {k: v for k, v in metrics.items() if k in ("language_model", "classifier", "baseline")}
         run_log.log_metrics(tracking.numeric_leaves(numeric))
         run_log.log_artifact(report, "report")
+        test_scores = {f"test_{k}": metrics["classifier"][k] for k in ("macro_f1", "accuracy")}
+        tracking.tag_model_version(run_log, cfg.tracking.classifier_model, paths["classifier"], test_scores)
     lm, ours, base = metrics["language_model"], metrics["classifier"], metrics["baseline"]
     return (
         f"evaluate: LM {lm['test_bits_per_byte']} bits/byte (bigram {lm['bigram_bits_per_byte']}), "

@@ -198,7 +198,9 @@ def execute(cfg: Config) -> str:
         metrics = run(cfg, paths["lm"], paths["tokens"], paths["classifier"], paths["finetune_checkpoints"],
                       paths["metrics"], run_log)
         run_log.log_metrics(tracking.numeric_leaves(metrics))
-        run_log.log_artifact(paths["classifier"], "classifier")
+        version = tracking.register_model(run_log, paths["classifier"], cfg.tracking.classifier_model,
+                                          "classifier")
+        run_log.set_tags({"registered_version": version or "-"})
     return (f"finetune: val macro-F1 {metrics['val_macro_f1']} (step {metrics['best_step']} of "
             f"{metrics['steps']}) -> {paths['classifier']}")
 

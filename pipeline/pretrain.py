@@ -287,7 +287,7 @@ def execute(cfg: Config) -> str:
                       paths["metrics"], run_log, paths["glove"])
         if leader:
             run_log.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
-            run_log.log_artifact(paths["lm"], "lm")
+            tracking.register_model(run_log, paths["lm"], cfg.tracking.lm_model, "lm")
     if not metrics:
         return ""
     return (f"pretrain: {metrics['steps']} steps, val bits/byte {metrics['val_bits_per_byte']} "

@@ -127,14 +127,14 @@ def stage_run(
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment)
     tags = {"stage": stage, "mlflow.runName": stage, **git_state()}
     if parent := os.environ.get(PARENT_RUN_ENV):
         tags["mlflow.parentRunId"] = parent
-    tags.update({f"input.{name}.md5": path_md5(p) for name, p in inputs.items() if p.exists()})
-    run = client.create_run(experiment_id, tags=tags)
+    digests = {name: path_md5(p) for name, p in inputs.items() if p.exists()}
+    tags.update({f"input.{name}.md5": md5 for name, md5 in digests.items()})
+    run = client.create_run(experiment_id(client, cfg.experiment), tags=tags)
     run_id = run.info.run_id
+    log_input_datasets(client, run_id, digests, inputs)
     client.log_batch(run_id, params=[Param(k, v) for k, v in flatten(params).items()])
     tracked = StageRun(client, run_id)
     try:
@@ -152,3 +152,111 @@ def numeric_leaves(data: Mapping[str, Any]) -> dict[str, float]:
     """Every number in a nested report, keyed by its dotted path (what MLflow takes as metrics)."""
     return {key: float(value) for key, value in leaves(data).items()
             if isinstance(value, int | float) and not isinstance(value, bool)}
+
+
+# ---------------------------------------------------------------- pipeline runs, datasets, registry
+
+
+@contextlib.contextmanager
+def pipeline_run(cfg: Tracking, name: str, tags: Mapping[str, str] | None = None) -> Iterator[StageRun]:
+    """The parent run of one pipeline execution: stage runs started while it is open (in this process
+    or in child processes, which inherit `PIPELINE_PARENT_RUN_ID`) nest under it."""
+    if not cfg.enabled:
+        yield StageRun(None, None)
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(cfg))
+    run = client.create_run(experiment_id(client, cfg.experiment),
+                            tags={"mlflow.runName": name, "kind": "pipeline", **git_state(), **(tags or {})})
+    previous = os.environ.get(PARENT_RUN_ENV)
+    os.environ[PARENT_RUN_ENV] = run.info.run_id
+    tracked = StageRun(client, run.info.run_id)
+    try:
+        yield tracked
+        tracked.flush()
+        client.set_terminated(run.info.run_id, "FINISHED")
+    except BaseException:
+        tracked.flush()
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    finally:
+        if previous is None:
+            os.environ.pop(PARENT_RUN_ENV, None)
+        else:
+            os.environ[PARENT_RUN_ENV] = previous
+
+
+def experiment_id(client: Any, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
+
+
+def log_input_datasets(
+    client: Any, run_id: str, digests: Mapping[str, str], paths: Mapping[str, Path]
+) -> None:
+    """Each input as an MLflow dataset whose digest is its DVC md5 and whose source is its path."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+
+    datasets = [
+        DatasetInput(MetaDataset(LocalArtifactDatasetSource(str(paths[name])), name=name, digest=md5[:36])
+                     ._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "input")])
+        for name, md5 in digests.items()
+    ]
+    if datasets:
+        client.log_inputs(run_id, datasets=datasets)
+
+
+MODEL_REQUIREMENTS = ["torch", "tokenizers", "safetensors", "numpy", "pandas"]
+
+
+def register_model(run: StageRun, directory: Path, name: str, kind: str) -> str | None:
+    """Log `directory` once as a pyfunc model of the run (`kind`: classifier or lm), register it as a
+    new version of `name` tagged with the directory's DVC md5; returns the version. The first version
+    of a model becomes its `champion`; later promotions are the retrain flow's gate."""
+    if run.client is None:
+        return None
+    import mlflow
+
+    from pipeline.pyfunc import ClassifierModel, LanguageModel
+
+    python_model = ClassifierModel() if kind == "classifier" else LanguageModel()
+    mlflow.set_tracking_uri(run.client.tracking_uri)
+    with mlflow.start_run(run_id=run.run_id):
+        info = mlflow.pyfunc.log_model(name=kind, python_model=python_model, artifacts={kind: str(directory)},
+                                       pip_requirements=MODEL_REQUIREMENTS, registered_model_name=name)
+    version = str(info.registered_model_version)
+    run.client.set_model_version_tag(name, version, "md5", path_md5(directory))
+    run.client.set_model_version_tag(name, version, "run_id", run.run_id)
+    if not champion_version(run.client, name):
+        run.client.set_registered_model_alias(name, "champion", version)
+    return version
+
+
+def champion_version(client: Any, name: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, "champion").version)
+    except Exception:  # MlflowException: no such alias (or model) yet
+        return None
+
+
+def version_with_md5(client: Any, name: str, md5: str) -> str | None:
+    """The newest registered version of `name` built from the directory whose DVC md5 is `md5`."""
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except Exception:  # MlflowException: no such model
+        return None
+    matching = [int(v.version) for v in versions if v.tags.get("md5") == md5]
+    return str(max(matching)) if matching else None
+
+
+def tag_model_version(run: StageRun, name: str, directory: Path, tags: Mapping[str, Any]) -> str | None:
+    """Tag the registered version of `name` built from `directory` (e.g. with its test metrics)."""
+    if run.client is None:
+        return None
+    version = version_with_md5(run.client, name, path_md5(directory))
+    for key, value in (tags.items() if version else ()):
+        run.client.set_model_version_tag(name, version, key, str(value))
+    return version

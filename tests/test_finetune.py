@@ -201,3 +201,28 @@ def test_a_label_seen_in_test_but_never_in_train_is_refused(tiny_project, tmp_pa
     with pytest.raises(InputError, match=r"\['sarcastic'\] appear in test but never in train"):
         tokenize.run(parse_config(params), tmp_path / "clean", tmp_path / "tok", tmp_path / "tokens",
                      tmp_path / "t.json")
+
+
+def test_registered_classifier_serves_through_pyfunc(trained, tmp_path, monkeypatch):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from pipeline import tracking
+    from pipeline.config import Tracking
+
+    out, _, _ = trained
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # artifacts land under ./mlruns
+    with tracking.stage_run("finetune", Tracking(experiment="t"), {}, {}, {}) as run:
+        version = tracking.register_model(run, out / "classifier", "clf", "classifier")
+    assert version == "1" and tracking.champion_version(run.client, "clf") == "1"  # the first is champion
+    assert tracking.version_with_md5(run.client, "clf", tracking.path_md5(out / "classifier")) == "1"
+    mlflow.set_tracking_uri(uri)
+    served = mlflow.pyfunc.load_model("models:/clf@champion")
+    texts = ["I love this airline", "my bag is lost again"]
+    predictions = served.predict(pd.DataFrame({"text": texts}))
+    labels, probs = Classifier.load(out / "classifier").predict(texts)
+    assert predictions["label"].tolist() == labels
+    columns = ["p_negative", "p_neutral", "p_positive"]
+    np.testing.assert_allclose(predictions[columns].to_numpy(), probs, rtol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pipeline import tracking
@@ -45,3 +46,25 @@ def test_disabled_tracking_touches_nothing(tmp_path: Path, monkeypatch) -> None:
 def test_numeric_leaves_flatten_reports() -> None:
     report = {"a": {"b": 1, "c": {"d": 2.5}}, "name": "x", "flag": True}
     assert tracking.numeric_leaves(report) == {"a.b": 1.0, "a.c.d": 2.5}
+
+
+def test_pipeline_run_nests_stage_runs_and_logs_inputs_as_datasets(tmp_path: Path, monkeypatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv(tracking.PARENT_RUN_ENV, raising=False)
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.txt").write_text("raw bytes")
+    with tracking.pipeline_run(Tracking(experiment="t"), "pipeline") as parent, \
+            tracking.stage_run("demo", Tracking(experiment="t"), {}, {"raw": source}, {}) as child:
+        pass
+
+    assert tracking.PARENT_RUN_ENV not in os.environ  # restored when the pipeline run ends
+    client = MlflowClient(uri)
+    stored = client.get_run(child.run_id)
+    assert stored.data.tags["mlflow.parentRunId"] == parent.run_id
+    (dataset,) = stored.inputs.dataset_inputs
+    assert dataset.dataset.name == "raw" and dataset.dataset.digest == tracking.path_md5(source)
+    assert client.get_run(parent.run_id).info.status == "FINISHED"
