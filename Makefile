@@ -18,7 +18,7 @@ setup: $(STAMP)
 	@$(BIN)/dvc config --local core.analytics false
 
 run: setup
-	$(BIN)/dvc repro
+	$(BIN)/pipeline run
 
 test: setup
 	$(BIN)/python -m pytest -q

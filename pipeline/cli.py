@@ -171,10 +171,17 @@ def run(
     stage: Annotated[str | None, typer.Argument(help="stop after this DVC stage (default: all)")] = None,
     force: Annotated[bool, typer.Option(help="rerun even when nothing changed")] = False,
 ) -> None:
-    """Reproduce the pipeline with DVC (only stages whose inputs or params changed rerun)."""
+    """Reproduce the pipeline with DVC (only stages whose inputs or params changed rerun), under one
+    MLflow parent run that every stage's run nests in."""
+    from pipeline import tracking
+
     command = [sys.executable, "-m", "dvc", "repro", *(["--force"] if force else [])]
     command += [stage] if stage else []
-    raise typer.Exit(subprocess.call(command, cwd=PROJECT_ROOT))
+    with tracking.pipeline_run(load_config().tracking, "pipeline", {"trigger": "pipeline run"}) as parent:
+        code = subprocess.call(command, cwd=PROJECT_ROOT)
+        lock_md5 = tracking.path_md5(PROJECT_ROOT / "dvc.lock")
+        parent.set_tags({"exit_code": str(code), "dvc.lock.md5": lock_md5})
+    raise typer.Exit(code)
 
 
 if __name__ == "__main__":
