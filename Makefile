@@ -1,14 +1,17 @@
 # Two entry points (see README): `make run` runs the whole pipeline on the default data,
 # `make test` runs the test suite. Both set everything up from a fresh clone.
 PYTHON ?= python3
+SYSTEM_PYTHON := $(shell command -v $(PYTHON))  # resolved before PATH gains the venv
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# dvc.yaml's commands run `python -m pipeline.<stage>`: the venv's python
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: run test lint setup clean-outputs
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/python || $(SYSTEM_PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -178,7 +179,9 @@ def run(
     command = [sys.executable, "-m", "dvc", "repro", *(["--force"] if force else [])]
     command += [stage] if stage else []
     with tracking.pipeline_run(load_config().tracking, "pipeline", {"trigger": "pipeline run"}) as parent:
-        code = subprocess.call(command, cwd=PROJECT_ROOT)
+        # stages run `python -m pipeline.<stage>`: make it this environment's python
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        code = subprocess.call(command, cwd=PROJECT_ROOT, env={**os.environ, "PATH": path})
         lock_md5 = tracking.path_md5(PROJECT_ROOT / "dvc.lock")
         parent.set_tags({"exit_code": str(code), "dvc.lock.md5": lock_md5})
     raise typer.Exit(code)
