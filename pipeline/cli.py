@@ -105,7 +105,8 @@ def classify(
 
 @app.command()
 def lineage(
-    target: Annotated[str, typer.Argument(help="an output path (or, with --impacted, any input path)")],
+    target: Annotated[str, typer.Argument(
+        help="an output path, an MLflow run id or models:/name@alias (with --impacted: any input path)")],
     impacted: Annotated[bool, typer.Option("--impacted", help="list what was built from TARGET")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="recompute hashes along TARGET's chain")] = False,
     rev: Annotated[str | None, typer.Option("--rev", help="read dvc.lock at this git revision")] = None,

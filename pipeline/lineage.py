@@ -158,11 +158,47 @@ def mlflow_run_for(stage: StageRecord, tracking_uri: str | None) -> dict[str, st
     return None
 
 
+def output_with_md5(stages: dict[str, StageRecord], md5s: set[str], target: str) -> str:
+    for stage in stages.values():
+        for out in stage.outs:
+            if out.md5 in md5s:
+                return out.path
+    raise InputError(f"{target}: its md5 ({', '.join(sorted(md5s)) or 'none recorded'}) matches no output "
+                     f"in {LOCK_FILE}; was it built from another revision (--rev)?")
+
+
+def resolve_target(target: str, stages: dict[str, StageRecord], root: Path, tracking_uri: str | None) -> str:
+    """An output path from a path, an MLflow run id, or a `models:/name@alias` (or `/version`) URI:
+    the run's output md5 tags, or the model version's md5 tag, name the dvc.lock output."""
+    is_run_id = len(target) == 32 and all(c in "0123456789abcdef" for c in target)
+    if not (target.startswith("models:/") or (is_run_id and not (root / target).exists())):
+        return relative(target, root)
+    if tracking_uri is None:
+        raise InputError(f"{target}: resolving it needs MLflow tracking")
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    try:
+        if is_run_id:
+            tags = client.get_run(target).data.tags
+            md5s = {v for k, v in tags.items() if k.startswith("output.") and k.endswith(".md5")}
+        else:
+            name, _, ref = target.removeprefix("models:/").partition("@")
+            version = client.get_model_version_by_alias(name, ref) if ref else \
+                client.get_model_version(*name.split("/", 1))
+            md5s = {version.tags.get("md5", "")} - {""}
+    except MlflowException as exc:
+        raise InputError(f"{target}: not found in MLflow ({exc.message.splitlines()[0]})") from None
+    return output_with_md5(stages, md5s, target)
+
+
 def trace(target: str, root: Path = PROJECT_ROOT, rev: str | None = None,
           tracking_uri: str | None = None) -> dict[str, Any]:
-    """The chain from `target` (an output path) back to the raw sources."""
+    """The chain from `target` (an output path, an MLflow run id or a models:/ URI) back to the raw
+    sources."""
     stages = read_lock(root, rev)
-    path = relative(target, root)
+    path = resolve_target(target, stages, root, tracking_uri)
     chain = upstream(stages, path)
     if not chain:
         raise InputError(f"{target}: no stage in {LOCK_FILE} produced this path")

