@@ -90,17 +90,42 @@ def upstream(stages: dict[str, StageRecord], path: str) -> list[StageRecord]:
     return order
 
 
-def downstream(stages: dict[str, StageRecord], path: str) -> list[StageRecord]:
-    """The stages built from `path`, directly or through other stages, each once."""
-    found: list[StageRecord] = []
+def affected_outputs(stage: StageRecord, changed: str) -> list[str]:
+    """The outputs, or parts of outputs, of `stage` that its input `changed` feeds. DVC records
+    stage-level dependencies; the clean and tokenize stages' contracts are finer and say so here:
+    clean writes the corpus from unlabeled sources and the labeled set from labeled ones, tokenize
+    encodes the labeled set apart from the corpus shards (unless `include_labeled_train`)."""
+    every = [o.path for o in stage.outs]
+    if stage.name == "clean" and stage.outs:
+        raw = next((d.path for d in stage.deps if Artifact(d.path, "").contains(changed)
+                    and d.path != changed), None)
+        if raw is not None:
+            source = changed[len(raw):].strip("/").split("/")[0]
+            sources = stage.params.get("data", {}).get("sources", [])
+            labeled = {s["name"] for s in sources if s.get("label_field")}
+            return [f"{every[0]}/{'labeled' if source in labeled else 'corpus'}.parquet"]
+    corpus_only = not stage.params.get("tokenize", {}).get("include_labeled_train")
+    if stage.name == "tokenize" and changed.endswith("labeled.parquet") and corpus_only:
+        tokens = [o.path for o in stage.outs if o.md5.endswith(".dir")][-1]  # the tokenizer's dir, then this
+        return [f"{tokens}/labeled", f"{tokens}/manifest.json"]
+    return every
+
+
+def downstream(stages: dict[str, StageRecord], path: str) -> dict[str, list[str]]:
+    """The stages built from `path`, directly or through other stages, each with the outputs (or
+    parts of outputs) that `path` reaches."""
+    found: dict[str, list[str]] = {}
     frontier = [path]
     while frontier:
         current = frontier.pop(0)
         for stage in stages.values():
             uses = any(d.contains(current) or Artifact(current, "").contains(d.path) for d in stage.deps)
-            if uses and stage not in found:
-                found.append(stage)
-                frontier.extend(o.path for o in stage.outs)
+            if not uses:
+                continue
+            reached = [o for o in affected_outputs(stage, current) if o not in found.get(stage.name, [])]
+            if reached:
+                found.setdefault(stage.name, []).extend(reached)
+                frontier.extend(reached)
     return found
 
 
@@ -233,7 +258,7 @@ def verify(target: str, root: Path = PROJECT_ROOT) -> list[dict[str, Any]]:
                 problems.append({
                     "path": artifact.path, "recorded": artifact.md5, "actual": actual,
                     "changed_files": _changed_files(on_disk, artifact, root),
-                    "downstream": [s.name for s in downstream(stages, artifact.path)],
+                    "downstream": list(downstream(stages, artifact.path)),
                 })
     return problems
 
@@ -257,4 +282,4 @@ def impacted(path: str, root: Path = PROJECT_ROOT, rev: str | None = None) -> di
     users = downstream(stages, target)
     if not users and producer(stages, target) is None:
         raise InputError(f"{path}: {LOCK_FILE} records no stage that reads or writes this path")
-    return {"input": target, "stages": {s.name: [o.path for o in s.outs] for s in users}}
+    return {"input": target, "stages": users}

@@ -30,7 +30,8 @@ def chain(tmp_path: Path) -> Path:
                    "outs": [entry(tmp_path, "data/raw")]},
         "clean": {"cmd": "python -m pipeline.clean",
                   "deps": [entry(tmp_path, "data/raw"), entry(tmp_path, "clean.py")],
-                  "params": {"params.yaml": {"data": {"split": 0.8}}},
+                  "params": {"params.yaml": {"data": {"sources": [{"name": "wiki"},
+                                                                  {"name": "labels", "label_field": "y"}]}}},
                   "outs": [entry(tmp_path, "data/clean")]},
         "tokenize": {"cmd": "python -m pipeline.tokenize",
                      "deps": [entry(tmp_path, "data/clean"), entry(tmp_path, "tokenize.py")],
@@ -67,8 +68,12 @@ def test_missing_artifact_is_reported(chain: Path) -> None:
 
 
 def test_impacted_lists_everything_downstream(chain: Path) -> None:
+    # the clean and tokenize contracts keep a labeled source out of the corpus and its shards
     result = lineage.impacted("data/raw/labels/x.csv", root=chain)
-    assert result["stages"] == {"clean": ["data/clean"], "tokenize": ["data/tokens"]}
+    assert result["stages"] == {"clean": ["data/clean/labeled.parquet"],
+                                "tokenize": ["data/tokens/labeled", "data/tokens/manifest.json"]}
+    result = lineage.impacted("data/raw/wiki/dump.xml", root=chain)
+    assert result["stages"] == {"clean": ["data/clean/corpus.parquet"], "tokenize": ["data/tokens"]}
     assert lineage.impacted("tokenize.py", root=chain)["stages"] == {"tokenize": ["data/tokens"]}
 
 
