@@ -28,8 +28,18 @@ PARENT_RUN_ENV = "PIPELINE_PARENT_RUN_ID"
 METRIC_BATCH = 1000  # MLflow's log_batch limit
 
 
+def store_root(root: Path = PROJECT_ROOT) -> Path:
+    """The project whose mlflow.db holds the runs. `dvc exp run --queue` (and `--temp`) execute in a
+    copy under <project>/.dvc/tmp/exps/; their runs belong to the project's store, not the copy's."""
+    parts = root.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
+
+
 def tracking_uri(cfg: Tracking) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri or f"sqlite:///{store_root() / 'mlflow.db'}"
 
 
 def git_state(root: Path = PROJECT_ROOT) -> dict[str, str]:
@@ -188,8 +198,15 @@ def pipeline_run(cfg: Tracking, name: str, tags: Mapping[str, str] | None = None
 
 
 def experiment_id(client: Any, name: str) -> str:
+    """The experiment's id, created on first use; with a SQLite store its artifacts go to mlruns/ beside
+    the database file (an absolute path, so runs from a `dvc exp` copy keep them)."""
     experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
+    if experiment:
+        return experiment.experiment_id
+    uri = str(client.tracking_uri)
+    artifacts = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").as_uri() \
+        if uri.startswith("sqlite:///") else None
+    return client.create_experiment(name, artifact_location=artifacts)
 
 
 def log_input_datasets(

@@ -68,3 +68,9 @@ def test_pipeline_run_nests_stage_runs_and_logs_inputs_as_datasets(tmp_path: Pat
     (dataset,) = stored.inputs.dataset_inputs
     assert dataset.dataset.name == "raw" and dataset.dataset.digest == tracking.path_md5(source)
     assert client.get_run(parent.run_id).info.status == "FINISHED"
+
+
+def test_queued_experiments_log_to_the_project_store(tmp_path: Path) -> None:
+    copy = tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    assert tracking.store_root(copy) == tmp_path / "proj"
+    assert tracking.store_root(tmp_path / "proj") == tmp_path / "proj"
