@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # dvc.yaml's commands run `python -m pipeline.<stage>`: the venv's python
 export PATH := $(abspath $(BIN)):$(PATH)
+# offline: no Prefect telemetry; a cold temporary Prefect server may need more than 20 s to start
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 
 .PHONY: run test lint setup clean-outputs
 

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# offline: no Prefect telemetry, and room for a cold temporary server to start
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
 import copy
 import shutil
 from pathlib import Path

@@ -96,7 +96,7 @@ def test_the_flow_runs_every_stage_then_finds_nothing_to_retrain(prefect_server,
     assert {"cooccur", "glove", "pretrain", "finetune", "evaluate"} <= downstream
     reached = lineage.impacted("data/raw/sentiment/sentiment.csv", root=project)["stages"]
     assert {"finetune", "evaluate"} <= set(reached) and not {"cooccur", "glove"} & set(reached)
-    assert reached["finetune"] == ["data/classifier"]
+    assert "data/classifier" in reached["finetune"]
     with pytest.raises(InputError, match="not found in MLflow"):
         lineage.trace("0" * 32, root=project, tracking_uri=uri)
     subprocess.run([sys.executable, "-m", "dvc", "checkout", "--force", "--quiet"], cwd=project, check=True)
