@@ -123,7 +123,7 @@ def lineage(
         if verify:
             result: Any = lin.verify(target)
         elif impacted:
-            result = lin.impacted(target, rev=rev)
+            result = lin.impacted(target, rev=rev, tracking_uri=tracking_uri(load_config().tracking))
         else:
             result = lin.trace(target, rev=rev, tracking_uri=tracking_uri(load_config().tracking))
     except InputError as exc:
@@ -141,7 +141,10 @@ def lineage(
     elif impacted:
         typer.echo(f"built from {result['input']}:")
         for stage, outs in result["stages"].items():
-            typer.echo(f"  stage {stage} -> {', '.join(outs)}")
+            run_id = result["mlflow_runs"].get(stage) or "-"
+            typer.echo(f"  stage {stage} (mlflow run {run_id}) -> {', '.join(outs)}")
+        for version in result["model_versions"]:
+            typer.echo(f"  registered model {version}")
     else:
         print_chain(result)
     raise typer.Exit(1 if verify and result else 0)

@@ -165,7 +165,7 @@ def _raw_origins(manifest: Path, readable: bool) -> dict[str, str]:
 
 
 def mlflow_run_for(stage: StageRecord, tracking_uri: str | None) -> dict[str, str] | None:
-    """The latest finished MLflow run of this stage whose output tags carry dvc.lock's md5."""
+    """The latest finished MLflow run of this stage whose output tags carry one of dvc.lock's md5s."""
     if tracking_uri is None or not stage.outs:
         return None
     from mlflow.tracking import MlflowClient
@@ -174,10 +174,10 @@ def mlflow_run_for(stage: StageRecord, tracking_uri: str | None) -> dict[str, st
     experiment_ids = [e.experiment_id for e in client.search_experiments()]
     if not experiment_ids:
         return None
-    first = stage.outs[0]
+    recorded = {o.md5 for o in stage.outs}
     query = f"tags.stage = '{stage.name}' and attributes.status = 'FINISHED'"
     for run in client.search_runs(experiment_ids, query, order_by=["attributes.start_time DESC"]):
-        if first.md5 in {v for k, v in run.data.tags.items() if k.startswith("output.")}:
+        if recorded & {v for k, v in run.data.tags.items() if k.startswith("output.")}:
             return {"run_id": run.info.run_id, "git_commit": run.data.tags.get("git.commit", ""),
                     "git_dirty": run.data.tags.get("git.dirty", "")}
     return None
@@ -275,11 +275,26 @@ def _changed_files(on_disk: Path, artifact: Artifact, root: Path) -> list[str]:
     return sorted(changed + [f"{artifact.path}/{rel}" for rel in present if rel not in recorded])
 
 
-def impacted(path: str, root: Path = PROJECT_ROOT, rev: str | None = None) -> dict[str, Any]:
-    """Every stage and output built from `path` (a raw file, a code file, any output)."""
+def impacted(path: str, root: Path = PROJECT_ROOT, rev: str | None = None,
+             tracking_uri: str | None = None) -> dict[str, Any]:
+    """Every stage and output built from `path` (a raw file, a code file, any output), and with
+    `tracking_uri` the MLflow run of each of those stages and the registered model versions whose
+    md5 is one of those outputs'."""
     stages = read_lock(root, rev)
     target = relative(path, root)
     users = downstream(stages, target)
     if not users and producer(stages, target) is None:
         raise InputError(f"{path}: {LOCK_FILE} records no stage that reads or writes this path")
-    return {"input": target, "stages": users}
+    result: dict[str, Any] = {"input": target, "stages": users, "mlflow_runs": {}, "model_versions": []}
+    if tracking_uri is not None:
+        from mlflow.tracking import MlflowClient
+
+        result["mlflow_runs"] = {name: (mlflow_run_for(stages[name], tracking_uri) or {}).get("run_id")
+                                 for name in users}
+        md5s = {o.md5 for name in users for o in stages[name].outs}
+        client = MlflowClient(tracking_uri)
+        result["model_versions"] = [
+            f"models:/{v.name}/{v.version}" for model in client.search_registered_models()
+            for v in client.search_model_versions(f"name='{model.name}'") if v.tags.get("md5") in md5s
+        ]
+    return result

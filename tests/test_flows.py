@@ -97,6 +97,9 @@ def test_the_flow_runs_every_stage_then_finds_nothing_to_retrain(prefect_server,
     reached = lineage.impacted("data/raw/sentiment/sentiment.csv", root=project)["stages"]
     assert {"finetune", "evaluate"} <= set(reached) and not {"cooccur", "glove"} & set(reached)
     assert "data/classifier" in reached["finetune"]
+    registered = lineage.impacted("data/raw/sentiment/sentiment.csv", root=project, tracking_uri=uri)
+    assert "models:/sentiment-classifier/1" in registered["model_versions"]
+    assert all(registered["mlflow_runs"][stage] for stage in ("finetune", "evaluate"))
     with pytest.raises(InputError, match="not found in MLflow"):
         lineage.trace("0" * 32, root=project, tracking_uri=uri)
     subprocess.run([sys.executable, "-m", "dvc", "checkout", "--force", "--quiet"], cwd=project, check=True)
