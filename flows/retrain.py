@@ -26,6 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+# offline by default: no telemetry from a local Prefect server; room for a cold one to start
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
 from prefect import flow, get_run_logger, task
 from prefect.states import Completed, State
 
