@@ -39,7 +39,7 @@ from pipeline.files import InputError, atomic_path, write_json
 from pipeline.generate import generate
 from pipeline.shards import TokenShards, read_manifest
 from pipeline.stagecli import stage_main
-from pipeline.training import autocast
+from pipeline.training import mean_loss
 
 LABELED_FILE = "labeled.parquet"
 
@@ -47,28 +47,12 @@ LABELED_FILE = "labeled.parquet"
 # ---------------------------------------------------------------- language model
 
 
-@torch.no_grad()
-def lm_loss(model: torch.nn.Module, shards: TokenShards, context: int, batch_size: int) -> float:
-    """Mean next-token loss (nats) over every full window of the split, each target counted once."""
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for windows in shards.sequential_windows(context, batch_size):
-        batch = torch.from_numpy(windows.astype(np.int64)).to(device)
-        with autocast(device):
-            logits = model(batch[:, :-1])
-        total += torch.nn.functional.cross_entropy(
-            logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"
-        ).item()
-        count += batch[:, 1:].numel()
-    return total / count
-
-
 def language_model_metrics(lm_dir: Path, tokens_dir: Path, k: float) -> dict[str, Any]:
     manifest = read_manifest(tokens_dir)
     model, config = load_model(lm_dir)
     train, test = TokenShards(tokens_dir, "train"), TokenShards(tokens_dir, "test")
-    loss = lm_loss(model, test, config["model"]["context"], 32)
+    windows = np.concatenate(list(test.sequential_windows(config["model"]["context"], 32)))
+    loss = mean_loss(model, windows, 32, torch.device("cpu"))
     totals = manifest["totals"]["test"]
     bits_to_bpb = totals["tokens"] / totals["text_bytes"]  # bits per token -> bits per byte
     vocab = manifest["vocab_size"]

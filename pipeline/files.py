@@ -61,6 +61,16 @@ def write_json(path: Path | str, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
+def write_csv(path: Path | str, header: list[str], rows: Any) -> None:
+    """A small CSV (a curve for `dvc plots`), written atomically; floats with 6 decimals."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [",".join(header)] + [",".join(f"{v:.6f}" if isinstance(v, float) else str(v) for v in row)
+                                  for row in rows]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
 def file_digest(path: Path | str, algorithm: str = "sha256") -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, algorithm).hexdigest()

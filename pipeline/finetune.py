@@ -40,7 +40,7 @@ from pipeline.classify import (
     read_labels,
 )
 from pipeline.config import PROJECT_ROOT, Config, Finetune
-from pipeline.files import InputError, atomic_dir, file_digest, write_json
+from pipeline.files import InputError, atomic_dir, file_digest, write_csv, write_json
 from pipeline.models import SequenceClassifier
 from pipeline.shards import read_manifest
 from pipeline.stagecli import stage_main
@@ -96,10 +96,8 @@ def fingerprint(cfg: Finetune, lm_sha256: str, labeled_sha256: str) -> str:
 
 
 def write_curves(plots: Path, progress: dict[str, Any]) -> None:
-    plots.mkdir(parents=True, exist_ok=True)
     for name, column in (("train", "loss"), ("val", "macro_f1")):
-        rows = "".join(f"{step},{value:.6f}\n" for step, value in progress[f"{name}_curve"])
-        (plots / f"finetune_{name}.csv").write_text(f"step,{column}\n" + rows)
+        write_csv(plots / f"finetune_{name}.csv", ["step", column], progress[f"{name}_curve"])
 
 
 def run(cfg: Config, lm_dir: Path, tokens_dir: Path, out_dir: Path, checkpoints: Path, metrics_dir: Path,

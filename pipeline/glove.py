@@ -17,7 +17,6 @@ neighbours of the probe words) with the loss curve in `metrics/plots/glove_loss.
 
 from __future__ import annotations
 
-import csv
 import sys
 import time
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from tqdm import tqdm
 from pipeline import wordbench
 from pipeline.config import PROJECT_ROOT, Config, Glove
 from pipeline.cooccur import COOCCUR_FILE, VOCAB_FILE, read_vocabulary
-from pipeline.files import InputError, atomic_dir, atomic_path, resolve_package_path, write_json
+from pipeline.files import InputError, atomic_dir, atomic_path, resolve_package_path, write_csv, write_json
 from pipeline.stagecli import stage_main
 
 VECTORS_FILE = "vectors.safetensors"
@@ -183,17 +182,10 @@ def run(cfg: Config, cooccur_dir: Path, out_dir: Path, metrics_dir: Path) -> dic
     if vocab.token_ids is None:
         metrics.update(wordbench.evaluate(word_vectors, *benchmark_files.values()))
     write_json(metrics_dir / "glove.json", metrics)
-    write_loss_plot(metrics_dir / "plots" / "glove_loss.csv", history)
+    write_csv(metrics_dir / "plots" / "glove_loss.csv", ["epoch", "loss"],
+              [(h["epoch"], h["loss"]) for h in history])
     metrics["history"] = history
     return metrics
-
-
-def write_loss_plot(path: Path, history: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as out:
-        writer = csv.writer(out)
-        writer.writerow(["epoch", "loss"])
-        writer.writerows([h["epoch"], round(h["loss"], 6)] for h in history)
 
 
 def execute(cfg: Config) -> str:

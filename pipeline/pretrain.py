@@ -28,18 +28,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.checkpoint import load_model, restore, save_model, write_checkpoint
 from pipeline.config import PROJECT_ROOT, Config, Pretrain
-from pipeline.files import InputError, atomic_dir, file_digest, write_json
+from pipeline.files import InputError, atomic_dir, file_digest, write_csv, write_json
 from pipeline.models import build_model
 from pipeline.ngram import unigram_bits_per_token
 from pipeline.shards import TokenShards, WindowPosition, read_manifest
 from pipeline.stagecli import stage_main
-from pipeline.training import autocast, decay_groups, warmup_cosine
+from pipeline.training import batch_loss, decay_groups, mean_loss, warmup_cosine
 
 # Dense bf16 peak FLOP/s by device name (vendor datasheets); a CPU's peak is measured instead.
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -131,25 +130,6 @@ def distributed() -> tuple[int, int, torch.device]:
     return rank, dist.get_world_size(), device
 
 
-def batch_loss(model: nn.Module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    with autocast(device):
-        logits = model(batch[:, :-1])
-    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, windows: np.ndarray, batch_size: int, device: torch.device) -> float:
-    """Mean next-token loss (nats) over fixed windows; every target counted once."""
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(windows), batch_size):
-        batch = torch.from_numpy(windows[i : i + batch_size]).to(device)
-        total += batch_loss(model, batch, device).item() * batch[:, 1:].numel()
-        count += batch[:, 1:].numel()
-    model.train()
-    return total / count
-
-
 def fresh_progress() -> dict[str, Any]:
     # timing is cumulative over every process that trained this run, so a resumed run reports it all
     return {"step": 0, "best_val": float("inf"), "best_saved": False, "bad_evals": 0, "train_curve": [],
@@ -157,10 +137,8 @@ def fresh_progress() -> dict[str, Any]:
 
 
 def write_curves(plots: Path, progress: dict[str, Any]) -> None:
-    plots.mkdir(parents=True, exist_ok=True)
     for name in ("train", "val"):
-        rows = "".join(f"{step},{loss:.6f}\n" for step, loss in progress[f"{name}_curve"])
-        (plots / f"pretrain_{name}.csv").write_text("step,loss\n" + rows)
+        write_csv(plots / f"pretrain_{name}.csv", ["step", "loss"], progress[f"{name}_curve"])
 
 
 def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkpoints: Path,
@@ -226,7 +204,7 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
             tracked.log_metrics({"train_loss": loss_sum, "lr": lr_at(step - 1, p),
                                  "tokens_per_s": tokens_per_step / seconds}, step=step)
         if step % p.eval_every == 0 or step == p.max_steps:
-            val_loss = evaluate(model, val_windows, p.batch_size, device)
+            val_loss = mean_loss(model, val_windows, p.batch_size, device)
             progress["val_curve"].append((step, val_loss))
             if tracked is not None and rank == 0:
                 tracked.log_metrics({"val_loss": val_loss}, step=step)
@@ -247,7 +225,7 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
             shutil.copy(tokenizer_dir / "tokenizer.json", tmp / "tokenizer.json")
         best, _ = load_model(lm_dir)
         full_val = np.concatenate(list(val.sequential_windows(p.model.context, p.batch_size)))
-        val_loss = evaluate(best.to(device), full_val, p.batch_size, device)
+        val_loss = mean_loss(best.to(device), full_val, p.batch_size, device)
         bytes_per_token = manifest["totals"]["val"]["text_bytes"] / manifest["totals"]["val"]["tokens"]
         unigram_bits = unigram_bits_per_token(train, val, manifest["vocab_size"])
         steps_run, elapsed = len(progress["train_curve"]), progress["seconds_training"]
