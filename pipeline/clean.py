@@ -3,14 +3,22 @@
 Outputs (schemas in DESIGN.md), written atomically into `paths.clean`:
 - `corpus.parquet`: id, source, text, split — the pretraining corpus (sources without labels);
 - `labeled.parquet`: id, source, text, split, label — the labeled set;
+`paths.splits/splits.parquet` (source, key, split): the split of every document ever seen, which
+the next run reads so that no document changes split as its source grows (DVC keeps it: `persist`);
 and `metrics/clean.json`: documents in and out per source and per filter, repairs, characters,
 split sizes and the label distribution per split.
+
+The split: a document seen before keeps its split. New documents, taken in the order of a salted
+hash of their key (a page title, else the content id), each go to the split furthest below its
+ratio, so every source's split sizes stay within one document of the ratios however small it is.
+A fixed hash threshold alone cannot promise that: 106 articles drew 78.3 / 8.5 / 13.2.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import multiprocessing
 import os
 import re
@@ -30,8 +38,8 @@ import pyarrow.parquet as pq
 from datasketch import MinHash, MinHashLSH
 from tqdm import tqdm
 
-from pipeline.config import PROJECT_ROOT, Clean, Config, Dedup, Filters, Source
-from pipeline.files import InputError, atomic_dir, resolve_paths, write_json
+from pipeline.config import PROJECT_ROOT, Config, Dedup, Filters, Source, Split
+from pipeline.files import InputError, atomic_dir, atomic_path, resolve_paths, write_json
 from pipeline.sources import RawDoc, read_source
 from pipeline.stagecli import stage_main
 from pipeline.textfix import PROSE_PUNCTUATION, has_mojibake, repair, wikitext_to_text
@@ -40,6 +48,7 @@ SPLITS = ("train", "val", "test")
 WORD = re.compile(r"\w+")
 CORPUS_FILE = "corpus.parquet"
 LABELED_FILE = "labeled.parquet"
+SPLITS_FILE = "splits.parquet"
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,14 +138,61 @@ def document_id(key: str) -> str:
     return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
 
 
-def assign_split(key: str, cfg: Clean) -> str:
-    """Split by a hash of the document's key alone (its page title when it has one, else its id),
-    so adding documents, or a new revision of an article, never moves a document to another split."""
-    digest = hashlib.sha256(f"{cfg.split.salt}:{key}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
-    if u < cfg.split.train:
-        return "train"
-    return "val" if u < cfg.split.train + cfg.split.val else "test"
+def split_order(key: str, cfg: Split) -> bytes:
+    return hashlib.sha256(f"{cfg.salt}:{key}".encode()).digest()
+
+
+def assign_splits(keys: Iterable[str], known: dict[str, str], cfg: Split) -> dict[str, str]:
+    """The split of each key of one source: `known` ones keep theirs; new ones, in salted-hash order,
+    go each to the split with the largest deficit ratio * total - count (ties: train, val, test)."""
+    ratios = {"train": cfg.train, "val": cfg.val, "test": cfg.test}
+    keys = set(keys)
+    splits = {k: known[k] for k in keys if k in known}
+    counts = Counter(splits.values())
+    total = len(splits)
+    for key in sorted(keys - splits.keys(), key=lambda k: split_order(k, cfg)):
+        total += 1
+        split = max(SPLITS, key=lambda s: ratios[s] * total - counts[s])
+        counts[split] += 1
+        splits[key] = split
+    return splits
+
+
+def split_draw(cfg: Split) -> bytes:
+    """What a split manifest was drawn with: a manifest drawn otherwise is redrawn, not followed."""
+    return json.dumps(cfg.model_dump(), sort_keys=True).encode()
+
+
+def read_split_manifest(path: Path | None, cfg: Split) -> dict[tuple[str, str], str]:
+    """(source, key) -> split from an earlier run, or {} when there is none or it used other ratios/salt."""
+    if path is None or not path.exists():
+        return {}
+    table = pq.read_table(path)
+    if (table.schema.metadata or {}).get(b"draw") != split_draw(cfg):
+        return {}
+    columns = table.to_pydict()
+    return dict(zip(zip(columns["source"], columns["key"], strict=True), columns["split"], strict=True))
+
+
+def write_split_manifest(path: Path, splits: dict[tuple[str, str], str], cfg: Split) -> None:
+    rows = sorted(splits.items())
+    table = pa.table({"source": [s for (s, _), _ in rows], "key": [k for (_, k), _ in rows],
+                      "split": [v for _, v in rows]}, schema=pa.schema(
+        [("source", pa.string()), ("key", pa.string()), ("split", pa.string())],
+        metadata={"draw": split_draw(cfg)}))
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def split_rows(sets: Iterable[OutputSet], manifest: dict[tuple[str, str], str], cfg: Split) -> None:
+    """Fill each output set's `split` column, source by source; add new assignments to `manifest`."""
+    for out in sets:
+        for source in dict.fromkeys(out.rows["source"]):
+            keys = [k for k, s in zip(out.rows["split_key"], out.rows["source"], strict=True) if s == source]
+            known = {k: v for (s, k), v in manifest.items() if s == source}
+            manifest.update({(source, k): v for k, v in assign_splits(keys, known, cfg).items()})
+        out.rows["split"] = [manifest[s, k] for s, k in zip(out.rows["source"], out.rows["split_key"],
+                                                             strict=True)]
 
 
 def effective_filters(source: Source, filters: Filters) -> Filters:
@@ -214,9 +270,11 @@ def to_table(rows: dict[str, list[Any]], labeled: bool) -> pa.Table:
     return pa.table({c: pa.array(rows[c], type=pa.string()) for c in columns})
 
 
-def run(cfg: Config, raw_dir: Path, out_dir: Path, metrics_path: Path) -> dict[str, Any]:
+def run(
+    cfg: Config, raw_dir: Path, out_dir: Path, metrics_path: Path, splits_path: Path | None = None
+) -> dict[str, Any]:
     """Clean every source ingested under `raw_dir` into `out_dir`, write the report to
-    `metrics_path` and return it."""
+    `metrics_path` and return it. `splits_path`: the split manifest to follow and extend (None: none)."""
     clean_cfg = cfg.data.clean
     started = time.perf_counter()
     sets = {"corpus": OutputSet(clean_cfg.dedup), "labeled": OutputSet(clean_cfg.dedup)}
@@ -242,9 +300,8 @@ def run(cfg: Config, raw_dir: Path, out_dir: Path, metrics_path: Path) -> dict[s
                         continue
                     report.documents_out += 1
                     report.characters_out += len(doc.text)
-                    split = assign_split(doc.split_key or doc_id, clean_cfg)
-                    row = {"id": doc_id, "source": source.name, "text": doc.text, "split": split,
-                           "label": doc.label}
+                    row = {"id": doc_id, "source": source.name, "text": doc.text,
+                           "split_key": doc.split_key or doc_id, "label": doc.label}
                     for column, value in row.items():
                         target.rows[column].append(value)
                 progress.update(len(cleaned))
@@ -257,6 +314,8 @@ def run(cfg: Config, raw_dir: Path, out_dir: Path, metrics_path: Path) -> dict[s
                     f"source '{source.name}': all {report.documents_in} documents were removed ({removed})"
                 )
 
+    manifest = read_split_manifest(splits_path, clean_cfg.split)
+    split_rows(sets.values(), manifest, clean_cfg.split)
     labeled_texts = sets["labeled"].rows["text"]
     metrics: dict[str, Any] = {
         "sources": {
@@ -284,6 +343,8 @@ def run(cfg: Config, raw_dir: Path, out_dir: Path, metrics_path: Path) -> dict[s
             labeled = name == "labeled"
             pq.write_table(to_table(sets[name].rows, labeled), tmp / filename, compression="zstd",
                            row_group_size=clean_cfg.row_group_rows)
+    if splits_path is not None:
+        write_split_manifest(splits_path, manifest, clean_cfg.split)
     write_json(metrics_path, metrics)
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     return metrics
@@ -296,9 +357,10 @@ def execute(cfg: Config) -> str:
     raw_dir = PROJECT_ROOT / cfg.paths.raw
     out_dir = PROJECT_ROOT / cfg.paths.clean
     metrics_path = PROJECT_ROOT / cfg.paths.metrics / "clean.json"
+    splits_path = PROJECT_ROOT / cfg.paths.splits / SPLITS_FILE
     with tracking.stage_run("clean", cfg.tracking, cfg.data.model_dump(), {"raw": raw_dir},
                             {"clean": out_dir}) as run_log:
-        metrics = run(cfg, raw_dir, out_dir, metrics_path)
+        metrics = run(cfg, raw_dir, out_dir, metrics_path, splits_path)
         run_log.log_metrics(tracking.numeric_leaves(metrics))
         run_log.log_artifact(metrics_path)
     corpus, labeled = metrics["corpus"], metrics["labeled"]

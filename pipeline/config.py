@@ -91,12 +91,13 @@ class Dedup(Section):
 
 
 class Split(Section):
-    """Train/val/test by a hash of each document's id: adding documents never moves old ones."""
+    """Train/val/test shares per source. New documents are drawn in a salted-hash order into the split
+    furthest below its share; the split manifest (`paths.splits`) keeps every earlier assignment."""
 
     train: float = Field(0.8, gt=0, lt=1)
     val: float = Field(0.1, gt=0, lt=1)
     test: float = Field(0.1, gt=0, lt=1)
-    salt: str = Field("split-v1", description="change to draw a different (stable) split")
+    salt: str = Field("split-v1", description="change (or change a ratio) to redraw every split")
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> Split:
@@ -205,7 +206,8 @@ class Cooccur(Section):
     window: int = Field(15, ge=1, le=24, description="units each side of the centre")
     min_count: int = Field(5, ge=1, description="units seen fewer times in train are dropped first")
     word_pattern: str = Field(r"[^\W\d_]+", description="regex of a word (unit: word), on lowercased text")
-    memory_mb: float = Field(64, gt=0, description="pair buffer (MiB), reduced and spilled to disk when full")
+    memory_mb: float = Field(64, gt=0, description="pair buffers (MiB), reduced and spilled when full")
+    workers: int = Field(0, ge=0, description="threads counting document batches; 0 = all cores")
 
 
 class WordBenchmarks(Section):
@@ -282,6 +284,7 @@ class Paths(Section):
 
     raw: str = "data/raw"
     clean: str = "data/clean"
+    splits: str = "data/splits"
     tokenizer: str = "data/tokenizer"
     tokens: str = "data/tokens"
     cooccur: str = "data/cooccur"

@@ -21,13 +21,18 @@ row then col), `vocab.parquet` (`unit`, `count`, and `token_id` for tokens; row 
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import itertools
 import math
+import os
 import re
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +52,7 @@ VOCAB_FILE = "vocab.parquet"
 CORPUS_FILE = "corpus.parquet"
 BYTES_PER_PAIR = 8 * 3  # an int64 code, its sorted copy, and the keys and weights unpacked from it
 DISTANCE_BITS = 5  # window <= 24 < 2**5
+IDS_PER_READ = 1 << 22  # word ids per read when counting (16 MiB)
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,7 @@ class Vocabulary:
     units: list[str]
     counts: np.ndarray  # int64, one per unit, descending
     token_ids: np.ndarray | None = None  # int64, unit: token only
+    provisional: np.ndarray | None = None  # int64, unit: word only, while counting (WordIds ids)
 
     def __len__(self) -> int:
         return len(self.units)
@@ -75,13 +82,49 @@ def word_documents(corpus: Path, pattern: str) -> Iterator[list[str]]:
         yield word.findall(text.lower())
 
 
-def word_vocabulary(corpus: Path, cfg: Cooccur) -> Vocabulary:
+@dataclass(frozen=True)
+class WordIds:
+    """The train words read once: each word as a provisional id (order of first sight), stored in a
+    flat int32 file with each document's length, so counting needs no second pass over the text."""
+
+    words: list[str]  # provisional id -> word
+    path: Path
+    lengths: np.ndarray
+
+    def counts(self) -> np.ndarray:
+        counts = np.zeros(len(self.words), dtype=np.int64)
+        with open(self.path, "rb") as f:
+            while len(chunk := np.fromfile(f, np.int32, IDS_PER_READ)):
+                counts += np.bincount(chunk, minlength=len(self.words))
+        return counts
+
+    def documents(self) -> Iterator[np.ndarray]:
+        ids = np.memmap(self.path, np.int32, "r")
+        offsets = np.concatenate([[0], np.cumsum(self.lengths)])
+        for start, stop in itertools.pairwise(offsets):
+            yield ids[start:stop]
+
+
+def read_word_ids(corpus: Path, pattern: str, path: Path) -> WordIds:
+    first_seen: dict[str, int] = {}
+    lengths = []
+    with open(path, "wb") as out:
+        for words in word_documents(corpus, pattern):
+            new = set(words).difference(first_seen)
+            first_seen.update(zip(new, range(len(first_seen), len(first_seen) + len(new)), strict=True))
+            np.fromiter(map(first_seen.__getitem__, words), np.int32, len(words)).tofile(out)
+            lengths.append(len(words))
+    return WordIds(list(first_seen), path, np.array(lengths, dtype=np.int64))
+
+
+def word_vocabulary(word_ids: WordIds, cfg: Cooccur, corpus: Path) -> Vocabulary:
     """Words with at least `min_count` train occurrences, by count descending, ties by the word."""
-    counts = Counter(w for words in word_documents(corpus, cfg.word_pattern) for w in words)
-    if not counts:
+    if not word_ids.words:
         raise InputError(f"{corpus}: train has no words (cooccur.word_pattern {cfg.word_pattern!r})")
-    kept = sorted((w for w, c in counts.items() if c >= cfg.min_count), key=lambda w: (-counts[w], w))
-    return Vocabulary(kept, np.array([counts[w] for w in kept], dtype=np.int64))
+    counts, words = word_ids.counts(), word_ids.words
+    kept = sorted(np.flatnonzero(counts >= cfg.min_count), key=lambda i: (-counts[i], words[i]))
+    kept_ids = np.array(kept, dtype=np.int64)
+    return Vocabulary([words[i] for i in kept], counts[kept_ids], provisional=kept_ids)
 
 
 def token_vocabulary(shards: TokenShards, names: list[str], specials: set[int], cfg: Cooccur) -> Vocabulary:
@@ -100,11 +143,14 @@ def check_vocabulary(vocab: Vocabulary, cfg: Cooccur) -> None:
         raise InputError(f"no {cfg.unit} occurs at least cooccur.min_count={cfg.min_count} times in train")
 
 
-def word_rows(corpus: Path, vocab: Vocabulary, pattern: str) -> Iterator[np.ndarray]:
+def word_rows(word_ids: WordIds, vocab: Vocabulary) -> Iterator[np.ndarray]:
     """Each train document as vocabulary rows, units outside the vocabulary dropped."""
-    row_of = {w: i for i, w in enumerate(vocab.units)}
-    for words in word_documents(corpus, pattern):
-        yield np.fromiter((row_of[w] for w in words if w in row_of), dtype=np.int64)
+    assert vocab.provisional is not None
+    row_of = np.full(len(word_ids.words), -1, dtype=np.int64)
+    row_of[vocab.provisional] = np.arange(len(vocab))
+    for ids in word_ids.documents():
+        rows = row_of[ids]
+        yield rows[rows >= 0]
 
 
 def token_rows(shards: TokenShards, vocab: Vocabulary, id_count: int) -> Iterator[np.ndarray]:
@@ -124,17 +170,24 @@ def weight_scale(window: int) -> int:
     return math.lcm(*range(1, window + 1))
 
 
+def code_dtype(vocab_size: int) -> type[np.unsignedinteger]:
+    """uint32 when every packed code fits (V up to 11,585), which sorts 1.5x faster than uint64."""
+    return np.uint32 if (vocab_size * vocab_size) << DISTANCE_BITS <= 2**32 else np.uint64
+
+
 def window_pairs(rows: np.ndarray, document: np.ndarray, vocab_size: int, window: int) -> np.ndarray:
     """Every pair within `window` in the same document, both directions, packed as
     (row * V + col) << DISTANCE_BITS | d; `rows` is several documents concatenated, `document` their
     document index. Packing lets a plain sort (3x faster than an argsort) carry the distance along."""
+    dtype = code_dtype(vocab_size)
+    rows = rows.astype(dtype)
     codes = []
     for d in range(1, min(window, len(rows) - 1) + 1):
         same = document[:-d] == document[d:]
         left, right = rows[:-d][same], rows[d:][same]
         codes += [(left * vocab_size + right) << DISTANCE_BITS | d,
                   (right * vocab_size + left) << DISTANCE_BITS | d]
-    return np.concatenate(codes) if codes else np.empty(0, np.int64)
+    return np.concatenate(codes) if codes else np.empty(0, dtype)
 
 
 def reduce_codes(codes: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray]:
@@ -146,7 +199,7 @@ def reduce_codes(codes: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray]
 
 def sum_by_key(keys: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unique keys of sorted `keys` and the sum of each key's weights."""
-    starts = np.flatnonzero(np.diff(keys, prepend=-1))
+    starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
     return keys[starts], np.add.reduceat(weights, starts) if len(keys) else weights
 
 
@@ -177,14 +230,25 @@ def _joined(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(rows), document
 
 
-class PairCounter:
-    """Accumulates pair weights in a bounded buffer; full buffers are reduced and spilled as .npy."""
+def reduced_batch(batch: tuple[np.ndarray, np.ndarray], vocab_size: int, window: int,
+                  scale: int) -> tuple[np.ndarray, np.ndarray]:
+    rows, document = batch
+    return reduce_codes(window_pairs(rows, document, vocab_size, window), scale)
 
-    def __init__(self, vocab_size: int, window: int, memory_bytes: int, spill_dir: Path) -> None:
+
+class PairCounter:
+    """Counts document batches in `workers` threads (NumPy's sort releases the GIL), each batch
+    reduced to sorted (key, integer sum) runs; runs are merged and spilled as .npy when they fill
+    their share of the memory. Memory: `workers` batches of pairs in flight plus one buffer of runs."""
+
+    def __init__(
+        self, vocab_size: int, window: int, memory_bytes: int, workers: int, spill_dir: Path
+    ) -> None:
         self.vocab_size, self.window, self.scale = vocab_size, window, weight_scale(window)
-        self.max_pairs = max(int(memory_bytes) // BYTES_PER_PAIR, 2 * window)
+        self.workers = workers
+        self.max_pairs = max(int(memory_bytes) // BYTES_PER_PAIR // (workers + 1), 2 * window)
         self.spill_dir = spill_dir
-        self.codes: list[np.ndarray] = []
+        self.runs: list[tuple[np.ndarray, np.ndarray]] = []
         self.buffered = 0
         self.spills: list[tuple[Path, Path]] = []
         self.units = 0
@@ -193,19 +257,32 @@ class PairCounter:
     def units_per_batch(self) -> int:
         return max(self.max_pairs // (2 * self.window), 1)
 
-    def add(self, rows: np.ndarray, document: np.ndarray) -> None:
-        self.units += len(rows)
-        codes = window_pairs(rows, document, self.vocab_size, self.window)
-        self.codes.append(codes)
-        self.buffered += len(codes)
+    def count(self, batches: Iterable[tuple[np.ndarray, np.ndarray]], progress: tqdm) -> None:
+        reduce = functools.partial(reduced_batch, vocab_size=self.vocab_size, window=self.window,
+                                   scale=self.scale)
+        with ThreadPoolExecutor(self.workers) as pool:
+            in_flight: deque[Future[tuple[np.ndarray, np.ndarray]]] = deque()
+            for batch in batches:
+                self.units += len(batch[0])
+                in_flight.append(pool.submit(reduce, batch))
+                progress.update(len(batch[0]))
+                if len(in_flight) >= self.workers:
+                    self.add_run(*in_flight.popleft().result())
+            for future in in_flight:
+                self.add_run(*future.result())
+
+    def add_run(self, keys: np.ndarray, sums: np.ndarray) -> None:
+        self.runs.append((keys, sums))
+        self.buffered += len(keys)
         if self.buffered >= self.max_pairs:
             self.spill()
 
     def spill(self) -> None:
         if not self.buffered:
             return
-        keys, sums = reduce_codes(np.concatenate(self.codes), self.scale)
-        self.codes, self.buffered = [], 0
+        keys, sums = (np.concatenate(parts) for parts in zip(*self.runs, strict=True))
+        keys, sums = reduce_pairs(keys, sums)
+        self.runs, self.buffered = [], 0
         index = len(self.spills)
         paths = (self.spill_dir / f"keys-{index:05d}.npy", self.spill_dir / f"sums-{index:05d}.npy")
         np.save(paths[0], keys)
@@ -239,11 +316,10 @@ def count_cooccurrences(
     documents: Iterable[np.ndarray], vocab_size: int, cfg: Cooccur, out_path: Path, spill_dir: Path
 ) -> dict[str, Any]:
     """Count over `documents` (vocabulary rows), write the triples to `out_path`; returns counts."""
-    counter = PairCounter(vocab_size, cfg.window, int(cfg.memory_mb * 2**20), spill_dir)
+    workers = cfg.workers or os.cpu_count() or 1
+    counter = PairCounter(vocab_size, cfg.window, int(cfg.memory_mb * 2**20), workers, spill_dir)
     progress = tqdm(desc="cooccur", unit="unit", unit_scale=True, disable=None, file=sys.stderr)
-    for rows, document in document_batches(documents, counter.units_per_batch):
-        counter.add(rows, document)
-        progress.update(len(rows))
+    counter.count(document_batches(documents, counter.units_per_batch), progress)
     progress.close()
     schema = pa.schema([("row", pa.int32()), ("col", pa.int32()), ("value", pa.float64())])
     nnz, total = 0, 0
@@ -296,13 +372,17 @@ def run(
     `unit: word` reads `clean_dir`; `unit: token` reads `tokens_dir` and `tokenizer_dir`."""
     co = cfg.cooccur
     started = time.perf_counter()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stack = contextlib.ExitStack()
     if co.unit == "word":
         corpus = clean_dir / CORPUS_FILE
         if not corpus.exists():
             raise InputError(f"{corpus}: clean corpus not found (run the clean stage)")
-        vocab = word_vocabulary(corpus, co)
+        word_ids = read_word_ids(corpus, co.word_pattern, Path(stack.enter_context(
+            tempfile.TemporaryDirectory(dir=out_dir.parent))) / "word_ids.int32")
+        vocab = word_vocabulary(word_ids, co, corpus)
         check_vocabulary(vocab, co)
-        documents: Iterable[np.ndarray] = word_rows(corpus, vocab, co.word_pattern)
+        documents: Iterable[np.ndarray] = word_rows(word_ids, vocab)
     else:
         manifest = read_manifest(tokens_dir)
         shards = TokenShards(tokens_dir, "train")
@@ -310,7 +390,7 @@ def run(
         vocab = token_vocabulary(shards, names, {manifest["eot_id"], manifest["pad_id"]}, co)
         check_vocabulary(vocab, co)
         documents = token_rows(shards, vocab, manifest["vocab_size"])
-    with atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent) as spill:
+    with stack, atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent) as spill:
         write_vocabulary(vocab, tmp / VOCAB_FILE)
         counts = count_cooccurrences(documents, len(vocab), co, tmp / COOCCUR_FILE, Path(spill))
     if not counts["nnz"]:

@@ -52,25 +52,38 @@ class Triples:
 
 @dataclass
 class Parameters:
-    """The C code's W: rows 0..V-1 are word vectors with their bias in the last column, rows V..2V-1
-    context vectors and biases; `squares` holds the AdaGrad sums, starting at 1."""
+    """The C code's W and its AdaGrad sums side by side, so one gather and one scatter serve both:
+    `state` row r is [W_r (dim vector + bias last) | G_r (starting at 1)]. Rows 0..V-1 are words,
+    rows V..2V-1 contexts."""
 
-    table: torch.Tensor  # (2V, dim + 1)
-    squares: torch.Tensor
+    state: torch.Tensor  # (2V, 2 (dim + 1))
 
     @classmethod
     def initial(cls, vocab_size: int, dim: int, seed: int, device: torch.device) -> Parameters:
         generator = torch.Generator().manual_seed(seed)
         table = (torch.rand(2 * vocab_size, dim + 1, generator=generator) - 0.5) / dim  # biases too, as C
-        return cls(table.to(device), torch.ones(2 * vocab_size, dim + 1, device=device))
+        return cls(torch.cat([table, torch.ones_like(table)], 1).to(device))
 
     @property
     def vocab_size(self) -> int:
-        return len(self.table) // 2
+        return len(self.state) // 2
+
+    @property
+    def width(self) -> int:
+        return self.state.shape[1] // 2
+
+    @property
+    def table(self) -> torch.Tensor:
+        return self.state[:, : self.width]
+
+    @property
+    def squares(self) -> torch.Tensor:
+        return self.state[:, self.width :]
 
     def vectors(self) -> torch.Tensor:
         """w + w~, what the C code saves by default (biases dropped)."""
-        return self.table[: self.vocab_size, :-1] + self.table[self.vocab_size :, :-1]
+        table, vocab = self.table, self.vocab_size
+        return table[:vocab, :-1] + table[vocab:, :-1]
 
 
 def select_device(choice: str) -> torch.device:
@@ -100,27 +113,31 @@ def train_epoch(params: Parameters, triples: Triples, order: torch.Tensor, cfg: 
     """One pass over the records in `order`; returns the C code's cost, sum 0.5 f diff^2 / records.
 
     Each record's step is the C code's, computed from the parameters as the batch found them: the
-    word row i and the context row V + j are gathered together, stepped with one index_add_."""
-    rows = torch.cat([triples.rows[order], triples.cols[order] + params.vocab_size])  # [words; contexts]
-    log_x, weight = triples.log_x[order], triples.weight[order]
-    table, squares, n = params.table, params.squares, len(order)
-    cost = torch.zeros((), dtype=torch.float64, device=order.device)
+    record's word row i and context row V + j are gathered as a pair (with their AdaGrad sums); each
+    row's step is made from the other row, so it is scattered back through the swapped pair."""
+    vocab, width, n = params.vocab_size, params.width, len(order)
+    words, contexts = triples.rows.index_select(0, order), triples.cols.index_select(0, order) + vocab
+    pairs, swapped = torch.stack([words, contexts], 1), torch.stack([contexts, words], 1)
+    log_x, weight = triples.log_x.index_select(0, order), triples.weight.index_select(0, order)
+    costs = torch.empty(n, device=order.device)
     for start in range(0, n, cfg.batch_size):
         stop = min(start + cfg.batch_size, n)
-        index = torch.cat([rows[start:stop], rows[n + start : n + stop]])
-        gathered = table.index_select(0, index)
-        word, context = gathered.chunk(2)  # each (batch, dim + 1), bias last
-        diff = (word[:, :-1] * context[:, :-1]).sum(1) + word[:, -1] + context[:, -1] - log_x[start:stop]
+        gathered = params.state.index_select(0, pairs[start:stop].view(-1)).view(stop - start, 2, 2 * width)
+        vector, square = gathered[:, :, :width], gathered[:, :, width:]  # bias: the vector's last column
+        diff = (vector[:, 0, :-1] * vector[:, 1, :-1]).sum(1)
+        diff.add_(vector[:, 0, -1]).add_(vector[:, 1, -1]).sub_(log_x[start:stop])
         weighted = weight[start:stop] * diff
-        cost += 0.5 * (weighted * diff).sum(dtype=torch.float64)
-        # vectors: eta * clip(f diff * the other vector); biases: f diff, unclipped, no eta (as in C)
-        both = torch.cat([weighted, weighted])
-        step = torch.cat([context, word]).mul_(both[:, None])
-        step[:, :-1].clamp_(-cfg.grad_clip, cfg.grad_clip).mul_(cfg.learning_rate)
-        step[:, -1] = both
-        table.index_add_(0, index, step / squares.index_select(0, index).sqrt_(), alpha=-1.0)
-        squares.index_add_(0, index, step.mul_(step))
-    return float(cost) / n
+        torch.mul(weighted, diff, out=costs[start:stop])
+        # vectors: g = eta * clip(f diff * the other vector); biases: f diff, unclipped, no eta (as in C)
+        update = torch.empty_like(gathered)
+        step = update[:, :, width:]
+        torch.mul(vector, weighted[:, None, None], out=step)
+        step[:, :, :-1].clamp_(-cfg.grad_clip, cfg.grad_clip).mul_(cfg.learning_rate)
+        step[:, :, -1] = weighted[:, None]
+        torch.mul(step, square.flip(1).rsqrt_(), out=update[:, :, :width]).neg_()  # -g / sqrt(G), then
+        step.square_()  # G += g^2
+        params.state.index_add_(0, swapped[start:stop].view(-1), update.view(-1, 2 * width))
+    return 0.5 * float(costs.sum(dtype=torch.float64)) / n
 
 
 def train(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bz2
 import copy
 import re
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 from pipeline import clean, ingest
-from pipeline.config import DEFAULT_PARAMS, Config, ConfigError, parse_config
+from pipeline.config import DEFAULT_PARAMS, Config, ConfigError, Split, parse_config
 from pipeline.files import InputError, file_digest, resolve_package_path
 from pipeline.sources import read_mediawiki
 from pipeline.textfix import PROSE_PUNCTUATION, has_mojibake
@@ -37,9 +38,12 @@ def with_paths(params: dict[str, Any], root: Path) -> Config:
     return parse_config(params)
 
 
-def run_stages(cfg: Config, root: Path) -> dict[str, Any]:
+def run_stages(cfg: Config, root: Path, splits: Path | None = None) -> dict[str, Any]:
+    """Ingest and clean into `root`, following and extending the split manifest `splits`
+    (default: one of its own, `root/splits.parquet`)."""
     ingest.run(cfg, root / "raw")
-    return clean.run(cfg, root / "raw", root / "clean", root / "clean.json")
+    splits = splits or root / "splits.parquet"
+    return clean.run(cfg, root / "raw", root / "clean", root / "clean.json", splits)
 
 
 def wiki_slice(path: Path, pages: int) -> Path:
@@ -115,11 +119,16 @@ def test_no_two_documents_share_normalised_text(full_run: tuple[dict[str, Any], 
         assert len(set(keys)) == len(keys)
 
 
-def test_labeled_split_sizes_follow_the_ratios(full_run: tuple[dict[str, Any], Path]) -> None:
-    metrics, _ = full_run
-    splits = metrics["labeled"]["splits"]
+def assert_shares_follow_ratios(summary: dict[str, Any]) -> None:
     for split, ratio in (("train", 0.8), ("val", 0.1), ("test", 0.1)):
-        assert abs(splits[split]["share"] - ratio) <= 0.01
+        assert abs(summary["splits"][split]["share"] - ratio) <= 0.01, (split, summary["splits"])
+
+
+def test_split_sizes_follow_the_ratios(full_run: tuple[dict[str, Any], Path]) -> None:
+    metrics, _ = full_run
+    assert metrics["corpus"]["documents"] == 106  # a fixed hash threshold drew 78.3 / 8.5 / 13.2 here
+    assert_shares_follow_ratios(metrics["corpus"])
+    assert_shares_follow_ratios(metrics["labeled"])
 
 
 def test_report_counts_add_up(full_run: tuple[dict[str, Any], Path]) -> None:
@@ -142,21 +151,48 @@ def test_two_runs_are_byte_identical(tmp_path: Path, slices: Callable[..., dict[
     for attempt in ("a", "b"):
         root = tmp_path / attempt
         run_stages(with_paths(params, root), root)
-        digests.append([file_digest(p) for p in sorted((root / "clean").iterdir())])
+        outputs = [*sorted((root / "clean").iterdir()), root / "splits.parquet"]
+        digests.append([file_digest(p) for p in outputs])
     assert digests[0] == digests[1]
 
 
 def test_growing_a_source_never_moves_a_document(tmp_path: Path) -> None:
-    wiki = wiki_slice(tmp_path / "wiki.xml", 8)
-    small = with_paths(slice_params(wiki, csv_slice(tmp_path / "small.csv", 800)), tmp_path / "small")
-    grown = with_paths(slice_params(wiki, csv_slice(tmp_path / "grown.csv", 1600)), tmp_path / "grown")
-    run_stages(small, tmp_path / "small")
-    run_stages(grown, tmp_path / "grown")
-    before = pq.read_table(tmp_path / "small" / "clean" / clean.LABELED_FILE).to_pylist()
-    grown_rows = pq.read_table(tmp_path / "grown" / "clean" / clean.LABELED_FILE).to_pylist()
-    after = {r["id"]: r["split"] for r in grown_rows}
-    assert len(after) > len(before) > 500
-    assert all(after[r["id"]] == r["split"] for r in before)
+    splits = tmp_path / "splits.parquet"  # the manifest DVC keeps between the two runs
+    small_sources = wiki_slice(tmp_path / "w1.xml", 80), csv_slice(tmp_path / "small.csv", 800)
+    grown_sources = wiki_slice(tmp_path / "w2.xml", 206), csv_slice(tmp_path / "grown.csv", 1600)
+    small = with_paths(slice_params(*small_sources), tmp_path / "small")
+    grown = with_paths(slice_params(*grown_sources), tmp_path / "grown")
+    run_stages(small, tmp_path / "small", splits)
+    metrics = run_stages(grown, tmp_path / "grown", splits)
+    for name in (clean.CORPUS_FILE, clean.LABELED_FILE):
+        before = pq.read_table(tmp_path / "small" / "clean" / name).to_pylist()
+        after = {r["id"]: r["split"] for r in pq.read_table(tmp_path / "grown" / "clean" / name).to_pylist()}
+        assert len(after) > len(before) > 2
+        assert all(after[r["id"]] == r["split"] for r in before)
+    assert_shares_follow_ratios(metrics["labeled"])  # new documents filled the splits below their share
+    counts = {s: v["documents"] for s, v in metrics["corpus"]["splits"].items()}
+    total = sum(counts.values())
+    assert all(abs(counts[s] - r * total) <= 1 for s, r in (("train", 0.8), ("val", 0.1), ("test", 0.1)))
+
+
+def test_new_documents_fill_the_splits_furthest_below_their_share() -> None:
+    cfg = Split()
+    known = {f"old{i}": "train" for i in range(10)}  # val and test are 1 document short each
+    drawn = clean.assign_splits([*known, "new1", "new2", "new3"], known, cfg)
+    assert {k: drawn[k] for k in known} == known
+    assert sorted(drawn[k] for k in ("new1", "new2", "new3")) == ["test", "train", "val"]
+    fresh = clean.assign_splits([f"doc{i}" for i in range(1000)], {}, cfg)
+    assert sorted(Counter(fresh.values()).items()) == [("test", 100), ("train", 800), ("val", 100)]
+    redrawn = clean.assign_splits(list(fresh), {}, Split(salt="other"))
+    assert redrawn != fresh and Counter(redrawn.values()) == Counter(fresh.values())
+
+
+def test_a_manifest_drawn_with_other_ratios_is_redrawn(tmp_path: Path) -> None:
+    path = tmp_path / "splits.parquet"
+    clean.write_split_manifest(path, {("wiki", "title:A"): "test"}, Split())
+    assert clean.read_split_manifest(path, Split()) == {("wiki", "title:A"): "test"}
+    assert clean.read_split_manifest(path, Split(salt="v2")) == {}
+    assert clean.read_split_manifest(path, Split(train=0.9, val=0.05, test=0.05)) == {}
 
 
 # ---------------------------------------------------------------- bad input

@@ -42,7 +42,7 @@ def c_reference_epoch(params: glove.Parameters, records: list[tuple[int, int, fl
         c[dim] -= fdiff / math.sqrt(gc[dim])
         gw[dim] += fdiff * fdiff
         gc[dim] += fdiff * fdiff
-    params.table, params.squares = torch.tensor(table), torch.tensor(squares)
+    params.state = torch.cat([torch.tensor(table), torch.tensor(squares)], 1)
     return cost / len(records)
 
 

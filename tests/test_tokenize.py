@@ -39,9 +39,11 @@ def tiny_params(root: Path, vocab_size: int = 400) -> dict[str, Any]:
 
 def small_clean_dir(root: Path, source: Path) -> Path:
     """A clean-stage output made from a slice of the real cleaned corpus plus multi-script texts."""
-    corpus = pq.read_table(source / clean.CORPUS_FILE).slice(0, 20).to_pydict()
-    texts = corpus["text"] + MULTI_SCRIPT
-    splits = corpus["split"] + ["train", "train", "val", "test", "test"]
+    corpus = pq.read_table(source / clean.CORPUS_FILE).to_pylist()
+    taken = [r for split, n in (("train", 14), ("val", 3), ("test", 3))
+             for r in [r for r in corpus if r["split"] == split][:n]]
+    texts = [r["text"] for r in taken] + MULTI_SCRIPT
+    splits = [r["split"] for r in taken] + ["train", "train", "val", "test", "test"]
     out = root / "clean"
     out.mkdir(parents=True)
     pq.write_table(pa.table({"id": [str(i) for i in range(len(texts))], "source": ["s"] * len(texts),
