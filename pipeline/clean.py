@@ -59,7 +59,9 @@ class CleanDoc:
     repairs: tuple[str, ...]
     split_key: str | None
     key: str  # the normalised text dedup compares
+    id: str  # a hash of the key
     signature: np.ndarray | None  # its MinHash, when near-dedup is on
+    failed: str | None  # the first quality filter it fails
 
 
 @dataclass
@@ -79,24 +81,22 @@ class OutputSet:
     dedup: Dedup
     rows: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
     seen_keys: set[str] = field(default_factory=set)
-    lsh: MinHashLSH | None = None
+    lsh: MinHashLSH | None = None  # built on first use: choosing its bands takes a moment
 
-    def __post_init__(self) -> None:
-        if self.dedup.near:
-            self.lsh = MinHashLSH(threshold=self.dedup.threshold, num_perm=self.dedup.num_perm)
-
-    def duplicate_of_earlier(self, doc: CleanDoc, doc_id: str) -> str | None:
+    def duplicate_of_earlier(self, doc: CleanDoc) -> str | None:
         """'exact_duplicate', 'near_duplicate' or None (and remember the document when new)."""
         if self.dedup.exact and doc.key in self.seen_keys:
             return "exact_duplicate"
         self.seen_keys.add(doc.key)
-        if self.lsh is None or doc.signature is None:
+        if not self.dedup.near or doc.signature is None:
             return None
+        if self.lsh is None:
+            self.lsh = MinHashLSH(threshold=self.dedup.threshold, num_perm=self.dedup.num_perm)
         _, scheme = minhash_template(self.dedup.num_perm, self.dedup.seed)
         minhash = MinHash(num_perm=self.dedup.num_perm, hashvalues=doc.signature, scheme=scheme)
         if self.lsh.query(minhash):
             return "near_duplicate"
-        self.lsh.insert(doc_id, minhash, check_duplication=False)
+        self.lsh.insert(doc.id, minhash, check_duplication=False)
         return None
 
 
@@ -220,17 +220,20 @@ def failed_filter(text: str, f: Filters) -> str | None:
     return None
 
 
-def clean_document(doc: RawDoc, dedup: Dedup | None = None) -> CleanDoc:
-    """Everything done to one document on its own (in a worker): prose, repairs, dedup key, MinHash."""
+def clean_document(doc: RawDoc, dedup: Dedup | None = None, filters: Filters | None = None) -> CleanDoc:
+    """Everything done to one document on its own (in a worker): prose, repairs, dedup key and id,
+    MinHash, quality filters."""
     text = wikitext_to_text(doc.text) if doc.kind == "wikitext" else doc.text
     text, made = repair(text)
     key = normalized_key(text)
     signature = minhash_signature(key, dedup) if dedup is not None and dedup.near else None
-    return CleanDoc(text, doc.label, doc.where, tuple(made), doc.split_key, key, signature)
+    failed = failed_filter(text, filters) if filters is not None else None
+    return CleanDoc(text, doc.label, doc.where, tuple(made), doc.split_key, key, document_id(key),
+                    signature, failed)
 
 
-def _clean_batch(batch: list[RawDoc], dedup: Dedup) -> list[CleanDoc]:
-    return [clean_document(d, dedup) for d in batch]
+def _clean_batch(batch: list[RawDoc], dedup: Dedup, filters: Filters | None = None) -> list[CleanDoc]:
+    return [clean_document(d, dedup, filters) for d in batch]
 
 
 def batched(items: Iterable[RawDoc], size: int) -> Iterator[list[RawDoc]]:
@@ -287,21 +290,20 @@ def run(
             filters = effective_filters(source, clean_cfg.filters)
             batches = batched(read_all(source, raw_dir, report), clean_cfg.batch_pages)
             progress = tqdm(desc=f"clean {source.name}", unit="doc", disable=None, file=sys.stderr)
-            for cleaned in pool.imap(functools.partial(_clean_batch, dedup=clean_cfg.dedup), batches):
+            work = functools.partial(_clean_batch, dedup=clean_cfg.dedup, filters=filters)
+            for cleaned in pool.imap(work, batches):
                 for doc in cleaned:
                     report.documents_in += 1
                     report.repairs.update(doc.repairs)
                     reason = "missing_label" if source.labeled and doc.label is None else None
-                    reason = reason or failed_filter(doc.text, filters)
-                    doc_id = document_id(doc.key)
-                    reason = reason or target.duplicate_of_earlier(doc, doc_id)
+                    reason = reason or doc.failed or target.duplicate_of_earlier(doc)
                     if reason:
                         report.removed[reason] += 1
                         continue
                     report.documents_out += 1
                     report.characters_out += len(doc.text)
-                    row = {"id": doc_id, "source": source.name, "text": doc.text,
-                           "split_key": doc.split_key or doc_id, "label": doc.label}
+                    row = {"id": doc.id, "source": source.name, "text": doc.text,
+                           "split_key": doc.split_key or doc.id, "label": doc.label}
                     for column, value in row.items():
                         target.rows[column].append(value)
                 progress.update(len(cleaned))
