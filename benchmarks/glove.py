@@ -1,7 +1,10 @@
 """Co-occurrence and GloVe side by side with a peer on the same corpus, in one run, with the quality of both.
 
-Corpus: the train split of the default clean corpus (`data/clean/corpus.parquet`), as the cooccur stage
-reads it: lowercased words (`cooccur.word_pattern`), one document per line for the peer.
+Corpus: by default the train split of the default clean corpus (`data/clean/corpus.parquet`), as the
+cooccur stage reads it: lowercased words (`cooccur.word_pattern`), one document per line for the peer.
+`--text gensim` takes the same dump's pages as gensim's `WikiCorpus` tokenizes them instead (the issue's
+reference figures were measured on that text; it keeps table cells, our cleaning drops them), and
+`--splits all` every page rather than the train split (pages follow `data/splits/splits.parquet`).
 - Peer, when `--glove-c DIR` names a built Stanford GloVe checkout (`make` in it; never committed):
   `vocab_count` + `cooccur` timed against our cooccur stage (which also builds the vocabulary), then
   `shuffle` + `glove` (same dim, iterations, x_max, window, min count, threads = cores) against our glove
@@ -10,7 +13,8 @@ reads it: lowercased words (`cooccur.word_pattern`), one document per line for t
 Quality: WordSim353 and SimLex-999 Spearman and analogy accuracy (3CosAdd), with coverage, evaluated
 by `pipeline.wordbench` for both sides.
 
-    python benchmarks/glove.py [--glove-c /path/to/GloVe] [--seeds 1]   # after `make run`
+    python benchmarks/glove.py [--glove-c /path/to/GloVe] [--seeds 1] [--text gensim] [--splits all]
+    # after `make run`
 """
 
 from __future__ import annotations
@@ -32,15 +36,41 @@ import time  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline import cooccur, glove, wordbench  # noqa: E402
+from pipeline import clean, cooccur, glove, wordbench  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.files import resolve_package_path  # noqa: E402
 
 
 def benchmark_files(cfg: Config) -> list[Path]:
     return [resolve_package_path(spec) for spec in cfg.glove.benchmarks.model_dump().values()]
+
+
+def gensim_pages(cfg: Config) -> dict[str, str]:
+    """Page title -> its text as gensim's WikiCorpus tokenizes it, for the first MediaWiki source."""
+    from gensim.corpora.wikicorpus import WikiCorpus
+
+    source = next(s for s in cfg.data.sources if s.format == "mediawiki")
+    wiki = WikiCorpus(str(resolve_package_path(source.path)), dictionary={}, processes=os.cpu_count())
+    wiki.metadata = True
+    return {title: " ".join(tokens) for tokens, (_, title) in wiki.get_texts()}
+
+
+def corpus_dir(cfg: Config, text: str, splits: str, work: Path) -> Path:
+    """A clean dir whose corpus.parquet has the chosen texts, all marked train (what cooccur counts)."""
+    wanted = {"train", "val", "test"} if splits == "all" else {"train"}
+    corpus = pq.read_table(ROOT / cfg.paths.clean / clean.CORPUS_FILE, columns=["text", "split"]).to_pydict()
+    texts = [t for t, s in zip(corpus["text"], corpus["split"], strict=True) if s in wanted]
+    if text == "gensim":
+        manifest = pq.read_table(ROOT / cfg.paths.splits / clean.SPLITS_FILE).to_pydict()
+        split_of = dict(zip(manifest["key"], manifest["split"], strict=True))
+        texts = [t for title, t in gensim_pages(cfg).items() if split_of.get(f"title:{title}") in wanted]
+    work.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"text": texts, "split": ["train"] * len(texts)}), work / clean.CORPUS_FILE)
+    return work
 
 
 def quality(vectors: wordbench.WordVectors, cfg: Config) -> dict[str, Any]:
@@ -121,9 +151,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--glove-c", type=Path, help="a Stanford GloVe checkout with `make` run in it")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per side (quality mean over seeds)")
+    parser.add_argument("--text", choices=["clean", "gensim"], default="clean",
+                        help="our cleaned pages, or gensim WikiCorpus's tokens of the same dump")
+    parser.add_argument("--splits", choices=["train", "all"], default="train", help="pages counted")
     args = parser.parse_args()
     cfg = load_config(overrides={"tracking.enabled": False})
-    clean_dir = ROOT / cfg.paths.clean
+    corpus_tmp = tempfile.TemporaryDirectory()
+    clean_dir = corpus_dir(cfg, args.text, args.splits, Path(corpus_tmp.name))
+    documents = cooccur.word_documents(clean_dir / cooccur.CORPUS_FILE, cfg.cooccur.word_pattern)
+    words = sum(map(len, documents))
     torch.set_num_threads(os.cpu_count() or 1)
     rows: dict[str, list[dict[str, Any]]] = {"ours": [], "peer": []}
     for seed in range(1, args.seeds + 1):
@@ -134,8 +170,10 @@ def main() -> None:
             peer = glove_c(seeded, clean_dir, Path(tmp), args.glove_c, seed) if args.glove_c \
                 else word2vec(seeded, clean_dir)
             rows["peer"].append(peer)
+    corpus_tmp.cleanup()
     peer_name = "Stanford GloVe C" if args.glove_c else "gensim Word2Vec (skip-gram)"
-    print(f"train split of {clean_dir / cooccur.CORPUS_FILE}; {os.cpu_count()} cores; {args.seeds} seed(s)")
+    print(f"{args.text} text, {args.splits} split(s): {words:,} words; {os.cpu_count()} cores; "
+          f"{args.seeds} seed(s)")
     for name, runs in rows.items():
         label = "ours" if name == "ours" else peer_name
         epoch = statistics.median(r["epoch_seconds"] for r in runs)
@@ -150,7 +188,12 @@ def main() -> None:
     if args.glove_c:
         ratios["cooccur_seconds_ours_over_peer"] = ratio("cooccur_seconds")
     print("ratios (goal <= 1.0 against C):", {k: round(v, 2) for k, v in ratios.items()})
-    print(json.dumps({"peer": peer_name, "runs": rows, "ratios": ratios}, default=float))
+    scores = (("wordsim353", "spearman"), ("simlex999", "spearman"), ("analogy", "accuracy"))
+    means = {side: {k: round(statistics.mean(r["quality"][k][m] for r in runs), 3) for k, m in scores}
+             for side, runs in rows.items()}
+    print("quality, mean over seeds:", means)
+    print(json.dumps({"peer": peer_name, "text": args.text, "splits": args.splits, "words": words,
+                      "runs": rows, "ratios": ratios, "quality_means": means}, default=float))
 
 
 if __name__ == "__main__":
