@@ -30,6 +30,22 @@ def test_default_params_are_valid() -> None:
     assert cfg.data.sources[1].labeled and not cfg.data.sources[0].labeled
 
 
+def test_params_yaml_lists_every_setting() -> None:
+    """`dvc exp run -S key=value` only sets keys params.yaml has, and params.yaml is the documentation."""
+
+    def missing(defaults: dict, written: dict, prefix: str = "") -> list[str]:
+        keys = []
+        for key, value in defaults.items():
+            if key not in written:
+                keys.append(prefix + key)
+            elif isinstance(value, dict) and isinstance(written[key], dict):
+                keys += missing(value, written[key], f"{prefix}{key}.")
+        return keys
+
+    written = yaml.safe_load(DEFAULT_PARAMS.read_text())
+    assert missing(load_config().model_dump(), written) == []
+
+
 def test_typo_suggests_the_closest_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(write_params(tmp_path, "data.clean.filters.min_char", 5))
