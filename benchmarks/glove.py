@@ -5,6 +5,8 @@ cooccur stage reads it: lowercased words (`cooccur.word_pattern`), one document 
 `--text gensim` takes the same dump's pages as gensim's `WikiCorpus` tokenizes them instead (the issue's
 reference figures were measured on that text; it keeps table cells, our cleaning drops them), and
 `--splits all` every page rather than the train split (pages follow `data/splits/splits.parquet`).
+The labeled set's train texts follow the pages, as the stage counts them, unless `--no-labeled` (or
+`cooccur.include_labeled_train: false`).
 - Peer, when `--glove-c DIR` names a built Stanford GloVe checkout (`make` in it; never committed):
   `vocab_count` + `cooccur` timed against our cooccur stage (which also builds the vocabulary), then
   `shuffle` + `glove` (same dim, iterations, x_max, window, min count, threads = cores) against our glove
@@ -14,6 +16,7 @@ Quality: WordSim353 and SimLex-999 Spearman and analogy accuracy (3CosAdd), with
 by `pipeline.wordbench` for both sides.
 
     python benchmarks/glove.py [--glove-c /path/to/GloVe] [--seeds 1] [--text gensim] [--splits all]
+                               [--no-labeled]
     # after `make run`
 """
 
@@ -59,7 +62,7 @@ def gensim_pages(cfg: Config) -> dict[str, str]:
     return {title: " ".join(tokens) for tokens, (_, title) in wiki.get_texts()}
 
 
-def corpus_dir(cfg: Config, text: str, splits: str, work: Path) -> Path:
+def corpus_dir(cfg: Config, text: str, splits: str, labeled: bool, work: Path) -> Path:
     """A clean dir whose corpus.parquet has the chosen texts, all marked train (what cooccur counts)."""
     wanted = {"train", "val", "test"} if splits == "all" else {"train"}
     corpus = pq.read_table(ROOT / cfg.paths.clean / clean.CORPUS_FILE, columns=["text", "split"]).to_pydict()
@@ -68,6 +71,8 @@ def corpus_dir(cfg: Config, text: str, splits: str, work: Path) -> Path:
         manifest = pq.read_table(ROOT / cfg.paths.splits / clean.SPLITS_FILE).to_pydict()
         split_of = dict(zip(manifest["key"], manifest["split"], strict=True))
         texts = [t for title, t in gensim_pages(cfg).items() if split_of.get(f"title:{title}") in wanted]
+    if labeled:
+        texts += cooccur.train_texts(ROOT / cfg.paths.clean / clean.LABELED_FILE)
     work.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"text": texts, "split": ["train"] * len(texts)}), work / clean.CORPUS_FILE)
     return work
@@ -154,16 +159,20 @@ def main() -> None:
     parser.add_argument("--text", choices=["clean", "gensim"], default="clean",
                         help="our cleaned pages, or gensim WikiCorpus's tokens of the same dump")
     parser.add_argument("--splits", choices=["train", "all"], default="train", help="pages counted")
+    parser.add_argument("--no-labeled", action="store_true", help="leave out the labeled train texts")
     args = parser.parse_args()
-    cfg = load_config(overrides={"tracking.enabled": False})
+    # the composed corpus.parquet holds every text counted, the labeled ones included
+    overrides = {"tracking.enabled": False, "cooccur.include_labeled_train": False}
+    cfg = load_config(overrides=overrides)
+    labeled = load_config().cooccur.include_labeled_train and not args.no_labeled
     corpus_tmp = tempfile.TemporaryDirectory()
-    clean_dir = corpus_dir(cfg, args.text, args.splits, Path(corpus_tmp.name))
-    documents = cooccur.word_documents(clean_dir / cooccur.CORPUS_FILE, cfg.cooccur.word_pattern)
+    clean_dir = corpus_dir(cfg, args.text, args.splits, labeled, Path(corpus_tmp.name))
+    documents = cooccur.word_documents([clean_dir / cooccur.CORPUS_FILE], cfg.cooccur.word_pattern)
     words = sum(map(len, documents))
     torch.set_num_threads(os.cpu_count() or 1)
     rows: dict[str, list[dict[str, Any]]] = {"ours": [], "peer": []}
     for seed in range(1, args.seeds + 1):
-        seeded = load_config(overrides={"tracking.enabled": False, "glove.seed": seed})
+        seeded = load_config(overrides={**overrides, "glove.seed": seed})
         with tempfile.TemporaryDirectory() as tmp:
             rows["ours"].append(ours(seeded, clean_dir, Path(tmp)))
         with tempfile.TemporaryDirectory() as tmp:
@@ -172,7 +181,8 @@ def main() -> None:
             rows["peer"].append(peer)
     corpus_tmp.cleanup()
     peer_name = "Stanford GloVe C" if args.glove_c else "gensim Word2Vec (skip-gram)"
-    print(f"{args.text} text, {args.splits} split(s): {words:,} words; {os.cpu_count()} cores; "
+    print(f"{args.text} text, {args.splits} split(s){', labeled train' if labeled else ''}: {words:,} words; "
+          f"{os.cpu_count()} cores; "
           f"{args.seeds} seed(s)")
     for name, runs in rows.items():
         label = "ours" if name == "ours" else peer_name
@@ -192,7 +202,8 @@ def main() -> None:
     means = {side: {k: round(statistics.mean(r["quality"][k][m] for r in runs), 3) for k, m in scores}
              for side, runs in rows.items()}
     print("quality, mean over seeds:", means)
-    print(json.dumps({"peer": peer_name, "text": args.text, "splits": args.splits, "words": words,
+    print(json.dumps({"peer": peer_name, "text": args.text, "splits": args.splits, "labeled": labeled,
+                      "words": words,
                       "runs": rows, "ratios": ratios, "quality_means": means}, default=float))
 
 

@@ -203,9 +203,12 @@ class Cooccur(Section):
         "word", description="word: lowercased words of the clean text; token: BPE ids of the token shards"
     )
     # The 1/d weights are summed exactly as integers over lcm(1..window): 24 keeps that in int64.
-    window: int = Field(15, ge=1, le=24, description="units each side of the centre")
+    window: int = Field(24, ge=1, le=24, description="units each side of the centre")
     min_count: int = Field(5, ge=1, description="units seen fewer times in train are dropped first")
     word_pattern: str = Field(r"[^\W\d_]+", description="regex of a word (unit: word), on lowercased text")
+    include_labeled_train: bool = Field(
+        True, description="unit word: count the labeled set's train texts after the corpus's"
+    )
     memory_mb: float = Field(64, gt=0, description="pair buffers (MiB), reduced and spilled when full")
     workers: int = Field(0, ge=0, description="threads counting document batches; 0 = all cores")
 
@@ -224,7 +227,7 @@ class Glove(Section):
     dim: int = Field(50, ge=1, description="vector width")
     epochs: int = Field(15, ge=1)
     learning_rate: float = Field(0.05, gt=0, description="AdaGrad eta (vectors; biases use 1 as in C)")
-    x_max: float = Field(10.0, gt=0, description="f(x) = (x/x_max)^alpha, capped at 1")
+    x_max: float = Field(5.0, gt=0, description="f(x) = (x/x_max)^alpha, capped at 1")
     alpha: float = Field(0.75, gt=0)
     grad_clip: float = Field(100.0, gt=0, description="per-record clip of the vector gradient, as in C")
     batch_size: int = Field(1024, ge=1, description="records per AdaGrad step")

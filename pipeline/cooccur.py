@@ -5,8 +5,10 @@ windowing (they take no window slot); each pair of units d apart (1 <= d <= wind
 document adds 1/d to X[a, b] and to X[b, a], so X is symmetric and self pairs count twice. Windows
 never cross a document boundary.
 
-Units (`cooccur.unit`): `word`, lowercased `word_pattern` matches of the clean train text, or
-`token`, the BPE ids of the train token shards (the row of a token is then its id's vocabulary rank;
+Units (`cooccur.unit`): `word`, lowercased `word_pattern` matches of the clean train text (the
+corpus, then with `include_labeled_train` the labeled set's train texts, each text a document), or
+`token`, the BPE ids of the train token shards (they hold the labeled train texts when
+`tokenize.include_labeled_train`) (the row of a token is then its id's vocabulary rank;
 `vocab.parquet` maps it back to the id).
 
 Exact and memory-bounded: the weight 1/d is summed as the integer lcm(1..window)/d, so sums do not
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import math
 import os
 import re
@@ -50,6 +51,7 @@ from pipeline.stagecli import stage_main
 COOCCUR_FILE = "cooccur.parquet"
 VOCAB_FILE = "vocab.parquet"
 CORPUS_FILE = "corpus.parquet"
+LABELED_FILE = "labeled.parquet"
 BYTES_PER_PAIR = 8 * 3  # an int64 code, its sorted copy, and the keys and weights unpacked from it
 DISTANCE_BITS = 5  # window <= 24 < 2**5
 IDS_PER_READ = 1 << 22  # word ids per read when counting (16 MiB)
@@ -69,16 +71,27 @@ class Vocabulary:
 # ---------------------------------------------------------------- units and vocabulary
 
 
-def train_texts(corpus: Path) -> Iterator[str]:
-    for batch in pq.ParquetFile(corpus).iter_batches(columns=["text", "split"], batch_size=256):
-        for text, split in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
-            if split == "train":
-                yield text
+def train_texts(*tables: Path) -> Iterator[str]:
+    """The train texts of each clean table (Parquet with `text` and `split`), in order."""
+    for table in tables:
+        for batch in pq.ParquetFile(table).iter_batches(columns=["text", "split"], batch_size=256):
+            for text, split in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
+                if split == "train":
+                    yield text
 
 
-def word_documents(corpus: Path, pattern: str) -> Iterator[list[str]]:
+def word_tables(clean_dir: Path, cfg: Cooccur) -> list[Path]:
+    """The clean tables whose train texts the word unit counts: the corpus, then the labeled set."""
+    tables = [clean_dir / CORPUS_FILE] + ([clean_dir / LABELED_FILE] if cfg.include_labeled_train else [])
+    for table in tables:
+        if not table.exists():
+            raise InputError(f"{table}: clean output not found (run the clean stage)")
+    return tables
+
+
+def word_documents(tables: list[Path], pattern: str) -> Iterator[list[str]]:
     word = re.compile(pattern)
-    for text in train_texts(corpus):
+    for text in train_texts(*tables):
         yield word.findall(text.lower())
 
 
@@ -98,29 +111,39 @@ class WordIds:
                 counts += np.bincount(chunk, minlength=len(self.words))
         return counts
 
-    def documents(self) -> Iterator[np.ndarray]:
+    def document_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Whole documents about `IDS_PER_READ` ids at a time: (ids, each document's start in them)."""
         ids = np.memmap(self.path, np.int32, "r")
         offsets = np.concatenate([[0], np.cumsum(self.lengths)])
-        for start, stop in itertools.pairwise(offsets):
-            yield ids[start:stop]
+        first = 0
+        while first < len(self.lengths):
+            last = max(int(np.searchsorted(offsets, offsets[first] + IDS_PER_READ, "right")) - 1, first + 1)
+            yield ids[offsets[first]:offsets[last]], offsets[first:last] - offsets[first]
+            first = last
 
 
-def read_word_ids(corpus: Path, pattern: str, path: Path) -> WordIds:
+def read_word_ids(tables: list[Path], pattern: str, path: Path) -> WordIds:
     first_seen: dict[str, int] = {}
-    lengths = []
+    lengths: list[int] = []
+    pending: list[int] = []  # written IDS_PER_READ at a time: a write per document costs more than the rest
     with open(path, "wb") as out:
-        for words in word_documents(corpus, pattern):
+        for words in word_documents(tables, pattern):
             new = set(words).difference(first_seen)
             first_seen.update(zip(new, range(len(first_seen), len(first_seen) + len(new)), strict=True))
-            np.fromiter(map(first_seen.__getitem__, words), np.int32, len(words)).tofile(out)
+            pending.extend(map(first_seen.__getitem__, words))
             lengths.append(len(words))
+            if len(pending) >= IDS_PER_READ:
+                np.array(pending, dtype=np.int32).tofile(out)
+                pending.clear()
+        np.array(pending, dtype=np.int32).tofile(out)
     return WordIds(list(first_seen), path, np.array(lengths, dtype=np.int64))
 
 
-def word_vocabulary(word_ids: WordIds, cfg: Cooccur, corpus: Path) -> Vocabulary:
+def word_vocabulary(word_ids: WordIds, cfg: Cooccur, tables: list[Path]) -> Vocabulary:
     """Words with at least `min_count` train occurrences, by count descending, ties by the word."""
     if not word_ids.words:
-        raise InputError(f"{corpus}: train has no words (cooccur.word_pattern {cfg.word_pattern!r})")
+        raise InputError(f"{', '.join(map(str, tables))}: train has no words "
+                         f"(cooccur.word_pattern {cfg.word_pattern!r})")
     counts, words = word_ids.counts(), word_ids.words
     kept = sorted(np.flatnonzero(counts >= cfg.min_count), key=lambda i: (-counts[i], words[i]))
     kept_ids = np.array(kept, dtype=np.int64)
@@ -148,9 +171,11 @@ def word_rows(word_ids: WordIds, vocab: Vocabulary) -> Iterator[np.ndarray]:
     assert vocab.provisional is not None
     row_of = np.full(len(word_ids.words), -1, dtype=np.int64)
     row_of[vocab.provisional] = np.arange(len(vocab))
-    for ids in word_ids.documents():
+    for ids, starts in word_ids.document_blocks():
         rows = row_of[ids]
-        yield rows[rows >= 0]
+        in_vocab = rows >= 0
+        kept_before = np.concatenate([[0], np.cumsum(in_vocab)])  # in-vocabulary units before each id
+        yield from np.split(rows[in_vocab], kept_before[starts[1:]])
 
 
 def token_rows(shards: TokenShards, vocab: Vocabulary, id_count: int) -> Iterator[np.ndarray]:
@@ -375,12 +400,10 @@ def run(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stack = contextlib.ExitStack()
     if co.unit == "word":
-        corpus = clean_dir / CORPUS_FILE
-        if not corpus.exists():
-            raise InputError(f"{corpus}: clean corpus not found (run the clean stage)")
-        word_ids = read_word_ids(corpus, co.word_pattern, Path(stack.enter_context(
+        tables = word_tables(clean_dir, co)
+        word_ids = read_word_ids(tables, co.word_pattern, Path(stack.enter_context(
             tempfile.TemporaryDirectory(dir=out_dir.parent))) / "word_ids.int32")
-        vocab = word_vocabulary(word_ids, co, corpus)
+        vocab = word_vocabulary(word_ids, co, tables)
         check_vocabulary(vocab, co)
         documents: Iterable[np.ndarray] = word_rows(word_ids, vocab)
     else:

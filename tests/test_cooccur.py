@@ -46,13 +46,15 @@ def run_cooccur(root: Path, params: dict[str, Any], out: Path, **overrides: Any)
                        out.parent / f"{out.name}.json")
 
 
-@pytest.mark.parametrize("window", [15, 3])
-def test_word_counts_equal_a_brute_force_count_exactly(small_project, tmp_path, window):
+@pytest.mark.parametrize(("window", "labeled"), [(15, False), (3, True)])
+def test_word_counts_equal_a_brute_force_count_exactly(small_project, tmp_path, window, labeled):
     root, params = small_project
     # 10 KiB of pair buffer: counted in several spilled chunks, merged in several blocks
-    metrics = run_cooccur(root, params, tmp_path / "co", window=window, memory_mb=0.01)
+    metrics = run_cooccur(root, params, tmp_path / "co", window=window, memory_mb=0.01,
+                          include_labeled_train=labeled)
     assert metrics["chunks"] > 1
-    texts = list(cooccur.train_texts(root / "clean" / cooccur.CORPUS_FILE))
+    tables = [root / "clean" / cooccur.CORPUS_FILE] + labeled * [root / "clean" / cooccur.LABELED_FILE]
+    texts = list(cooccur.train_texts(*tables))  # each labeled train text its own document
     pattern = re.compile(params["cooccur"]["word_pattern"])
     vocab, expected = brute_force([pattern.findall(t.lower()) for t in texts], 5, window)
     got_vocab, got = stage_matrix(tmp_path / "co")
@@ -83,7 +85,7 @@ def test_token_counts_equal_a_brute_force_count_exactly(small_project, tmp_path)
 def test_memory_budget_does_not_change_the_output(tiny_project, tmp_path):
     root, params = tiny_project
     small = run_cooccur(root, params, tmp_path / "small", memory_mb=0.5)
-    large = run_cooccur(root, params, tmp_path / "large", memory_mb=256)
+    large = run_cooccur(root, params, tmp_path / "large", memory_mb=1024)
     assert small["chunks"] > 1 and large["chunks"] == 1
     for name in (cooccur.COOCCUR_FILE, cooccur.VOCAB_FILE):
         assert pq.read_table(tmp_path / "small" / name).equals(pq.read_table(tmp_path / "large" / name))
@@ -111,6 +113,7 @@ def test_empty_train_split_is_refused(tiny_project, tmp_path):
                                 .column("split").to_numpy(zero_copy_only=False) != "train"),
                    tmp_path / "clean" / cooccur.CORPUS_FILE)
     params = copy.deepcopy(params)
+    params["cooccur"]["include_labeled_train"] = False
     with pytest.raises(InputError, match="train has no words"):
         cooccur.run(parse_config(params), tmp_path / "clean", root / "tokenizer", root / "tokens",
                     tmp_path / "co", tmp_path / "co.json")
