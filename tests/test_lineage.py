@@ -77,6 +77,28 @@ def test_impacted_lists_everything_downstream(chain: Path) -> None:
     assert lineage.impacted("tokenize.py", root=chain)["stages"] == {"tokenize": ["data/tokens"]}
 
 
+@pytest.mark.parametrize(("counting", "reached"), [
+    ({"unit": "word", "include_labeled_train": True}, True),
+    ({"unit": "word", "include_labeled_train": False}, False),
+    ({"unit": "token", "include_labeled_train": True}, False),
+])
+def test_labeled_texts_reach_the_cooccurrences_only_where_counted(
+    chain: Path, counting: dict, reached: bool
+) -> None:
+    (chain / "data/clean/labeled.parquet").write_text("labeled")
+    (chain / "data/cooccur").mkdir()
+    (chain / "data/cooccur/cooccur.parquet").write_text("triples")
+    lock = yaml.safe_load((chain / "dvc.lock").read_text())
+    lock["stages"]["cooccur"] = {
+        "cmd": "python -m pipeline.cooccur",
+        "deps": [entry(chain, p) for p in ("data/clean/corpus.parquet", "data/clean/labeled.parquet",
+                                           "data/tokens/train")],
+        "params": {"params.yaml": {"cooccur": counting}}, "outs": [entry(chain, "data/cooccur")]}
+    (chain / "dvc.lock").write_text(yaml.safe_dump(lock))
+    assert ("cooccur" in lineage.impacted("data/raw/labels/x.csv", root=chain)["stages"]) == reached
+    assert "cooccur" in lineage.impacted("data/raw/wiki/dump.xml", root=chain)["stages"]
+
+
 def test_unknown_target_is_a_clear_error(chain: Path) -> None:
     with pytest.raises(InputError, match=r"no stage in dvc\.lock produced this path"):
         lineage.trace("data/nothing.bin", root=chain)
