@@ -7,8 +7,8 @@ never cross a document boundary.
 
 Units (`cooccur.unit`): `word`, lowercased `word_pattern` matches of the clean train text (the
 corpus, then with `include_labeled_train` the labeled set's train texts, each text a document), or
-`token`, the BPE ids of the train token shards (they hold the labeled train texts when
-`tokenize.include_labeled_train`) (the row of a token is then its id's vocabulary rank;
+`token`, the BPE ids of the train token shards, which hold the labeled train texts when
+`tokenize.include_labeled_train` (the row of a token is then its id's vocabulary rank;
 `vocab.parquet` maps it back to the id).
 
 Exact and memory-bounded: the weight 1/d is summed as the integer lcm(1..window)/d, so sums do not
@@ -23,6 +23,7 @@ row then col), `vocab.parquet` (`unit`, `count`, and `token_id` for tokens; row 
 
 from __future__ import annotations
 
+import array
 import contextlib
 import functools
 import math
@@ -125,7 +126,7 @@ class WordIds:
 def read_word_ids(tables: list[Path], pattern: str, path: Path) -> WordIds:
     first_seen: dict[str, int] = {}
     lengths: list[int] = []
-    pending: list[int] = []  # written IDS_PER_READ at a time: a write per document costs more than the rest
+    pending = array.array("i")  # int32, written IDS_PER_READ at a time: a write per document costs more
     with open(path, "wb") as out:
         for words in word_documents(tables, pattern):
             new = set(words).difference(first_seen)
@@ -133,9 +134,9 @@ def read_word_ids(tables: list[Path], pattern: str, path: Path) -> WordIds:
             pending.extend(map(first_seen.__getitem__, words))
             lengths.append(len(words))
             if len(pending) >= IDS_PER_READ:
-                np.array(pending, dtype=np.int32).tofile(out)
-                pending.clear()
-        np.array(pending, dtype=np.int32).tofile(out)
+                pending.tofile(out)
+                del pending[:]
+        pending.tofile(out)
     return WordIds(list(first_seen), path, np.array(lengths, dtype=np.int64))
 
 
