@@ -181,8 +181,8 @@ def main() -> None:
             rows["peer"].append(peer)
     corpus_tmp.cleanup()
     peer_name = "Stanford GloVe C" if args.glove_c else "gensim Word2Vec (skip-gram)"
-    print(f"{args.text} text, {args.splits} split(s){', labeled train' if labeled else ''}: {words:,} words; "
-          f"{os.cpu_count()} cores; "
+    with_labeled = ", labeled train" if labeled else ""
+    print(f"{args.text} text, {args.splits} split(s){with_labeled}: {words:,} words; {os.cpu_count()} cores; "
           f"{args.seeds} seed(s)")
     for name, runs in rows.items():
         label = "ours" if name == "ours" else peer_name
@@ -203,8 +203,7 @@ def main() -> None:
              for side, runs in rows.items()}
     print("quality, mean over seeds:", means)
     print(json.dumps({"peer": peer_name, "text": args.text, "splits": args.splits, "labeled": labeled,
-                      "words": words,
-                      "runs": rows, "ratios": ratios, "quality_means": means}, default=float))
+                      "words": words, "runs": rows, "ratios": ratios, "quality_means": means}, default=float))
 
 
 if __name__ == "__main__":

@@ -109,10 +109,10 @@ def affected_outputs(stage: StageRecord, changed: str) -> list[str]:
     if stage.name == "tokenize" and changed.endswith("labeled.parquet") and corpus_only:
         tokens = [o.path for o in stage.outs if o.md5.endswith(".dir")][-1]  # the tokenizer's dir, then this
         return [f"{tokens}/labeled", f"{tokens}/manifest.json"]
-    counting = stage.params.get("cooccur", {})
-    counts_labeled = counting.get("unit") == "word" and counting.get("include_labeled_train")
-    if stage.name == "cooccur" and changed.endswith("labeled.parquet") and not counts_labeled:
-        return []
+    if stage.name == "cooccur" and changed.endswith("labeled.parquet"):
+        counting = stage.params.get("cooccur", {})
+        if not (counting.get("unit") == "word" and counting.get("include_labeled_train")):
+            return []
     return every
 
 
