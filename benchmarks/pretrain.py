@@ -8,6 +8,11 @@ run at the same time: they alternate, and medians are compared. MFU for both use
 formula (6N + 12·L·d·T per token) against the same measured fp32 matmul peak.
 
     python benchmarks/pretrain.py --nanogpt /path/to/nanoGPT [--iters 12] [--rounds 2]
+
+`--quality SECONDS`: time to quality instead. Each loop's step time is measured first (a short run
+of each), then each trains for as many steps as fit in SECONDS with the same hyperparameters (its
+cosine decay ending at its own last step), one after the other; both final models are scored on the
+whole validation split, in the same windows, by their own model code, in bits per byte.
 """
 
 from __future__ import annotations
@@ -80,6 +85,88 @@ def nanogpt(source: Path, size: dict[str, int], iters: int, work: Path) -> list[
     return times
 
 
+QUALITY = {"learning_rate": 3e-3, "min_learning_rate": 3e-4, "warmup_steps": 50, "weight_decay": 0.1,
+           "beta1": 0.9, "beta2": 0.99, "grad_clip": 1.0}
+
+
+def ours_for_steps(size: dict[str, int], steps: int, work: Path) -> dict[str, Any]:
+    """Our stage trained for `steps`: its metrics (val bits per byte over the whole split) and seconds."""
+    cfg = load_config(overrides={
+        "tracking.enabled": False, "pretrain.max_steps": steps, "pretrain.eval_every": steps,
+        "pretrain.checkpoint_every": steps, "pretrain.eval_windows": 1, "pretrain.resume": "never",
+        "pretrain.batch_size": size["batch"], "pretrain.objective": "clm", "pretrain.init_embeddings": False,
+        **{f"pretrain.{k}": v for k, v in QUALITY.items()},
+        "pretrain.model": {"arch": "gpt", "context": size["context"], "n_layer": size["n_layer"],
+                           "n_head": size["n_head"], "n_embd": size["n_embd"], "bias": False, "dropout": 0.0},
+    })
+    times = StepTimes()
+    paths = cfg.paths
+    metrics = pretrain.run(cfg, ROOT / paths.tokens, ROOT / paths.tokenizer, work / "lm", work / "ckpt",
+                           work / "m", times)
+    seconds = sum(size["batch"] * size["context"] / t for t in times.tokens_per_s)
+    return {"steps": steps, "seconds": round(seconds, 1), "val_bits_per_byte": metrics["val_bits_per_byte"]}
+
+
+def nanogpt_for_steps(source: Path, size: dict[str, int], steps: int, work: Path) -> dict[str, Any]:
+    """nanoGPT's train.py for `steps` with the same hyperparameters; its checkpoint scored by its own
+    model code on our validation windows."""
+    q = QUALITY
+    args = ["--dataset=bench", "--device=cpu", "--dtype=float32", "--compile=False", "--bias=False",
+            f"--n_layer={size['n_layer']}", f"--n_head={size['n_head']}", f"--n_embd={size['n_embd']}",
+            f"--block_size={size['context']}", f"--batch_size={size['batch']}",
+            "--gradient_accumulation_steps=1", f"--max_iters={steps}", f"--lr_decay_iters={steps}",
+            f"--eval_interval={steps}", "--eval_iters=1", "--log_interval=1", "--dropout=0.0",
+            "--always_save_checkpoint=True", f"--out_dir={work / 'out'}",
+            f"--learning_rate={q['learning_rate']}", f"--min_lr={q['min_learning_rate']}",
+            f"--warmup_iters={q['warmup_steps']}", f"--weight_decay={q['weight_decay']}",
+            f"--beta1={q['beta1']}", f"--beta2={q['beta2']}", f"--grad_clip={q['grad_clip']}"]
+    result = subprocess.run([sys.executable, "train.py", *args], cwd=source, capture_output=True, text=True,
+                            check=True)
+    # iteration 0 and the last iteration hold its two evaluations: leave them out, as for ours
+    times = [float(ms) / 1000 for i, ms in ITER_LINE.findall(result.stdout) if 1 <= int(i) < steps]
+    return {"steps": steps, "seconds": round(sum(times) * steps / max(len(times), 1), 1),
+            "val_bits_per_byte": nanogpt_val_bits_per_byte(source, work / "out" / "ckpt.pt", size)}
+
+
+def nanogpt_val_bits_per_byte(source: Path, checkpoint: Path, size: dict[str, int]) -> float:
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("nanogpt_model", source / "model.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model = module.GPT(module.GPTConfig(**saved["model_args"]))
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in saved["model"].items()})
+    model.eval()
+    tokens = ROOT / load_config().paths.tokens
+    val = TokenShards(tokens, "val")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for windows in val.sequential_windows(size["context"], size["batch"]):
+            batch = torch.from_numpy(windows)
+            _, loss = model(batch[:, :-1], batch[:, 1:])
+            total, count = total + loss.item() * batch[:, 1:].numel(), count + batch[:, 1:].numel()
+    totals = read_manifest(tokens)["totals"]["val"]
+    return round(total / count / np.log(2) * totals["tokens"] / totals["text_bytes"], 4)
+
+
+def quality(source: Path, size: dict[str, int], seconds: float, work: Path) -> dict[str, Any]:
+    """Equal wall-clock: calibrate each loop's step time, then train each for `seconds`."""
+    step_time = {"ours": statistics.median(ours(size, 12, work / "cal_ours")),
+                 "nanogpt": statistics.median(nanogpt(source, size, 12, work / "cal_nano"))}
+    steps = {name: max(QUALITY["warmup_steps"] + 1, int(seconds / t)) for name, t in step_time.items()}
+    result = {"ours": ours_for_steps(size, steps["ours"], work / "q_ours"),
+              "nanogpt": nanogpt_for_steps(source, size, steps["nanogpt"], work / "q_nano")}
+    for name, row in result.items():
+        print(f"{name:8} {row['steps']:6d} steps in {row['seconds']:7.1f} s -> "
+              f"val {row['val_bits_per_byte']} bits/byte")
+    ours_bpb, nano_bpb = result["ours"]["val_bits_per_byte"], result["nanogpt"]["val_bits_per_byte"]
+    print(f"val bits/byte at {seconds:.0f} s: ours {ours_bpb}, nanoGPT {nano_bpb} (goal: ours <= nanoGPT)")
+    return {"seconds_budget": seconds, "hyperparameters": QUALITY, **result}
+
+
 def prepare_nanogpt(path: Path, work: Path, vocab: int) -> Path:
     """A scratch copy of nanoGPT with our train/val tokens as its dataset (its code untouched)."""
     copy = work / "nanogpt"
@@ -103,6 +190,8 @@ def main() -> None:
     parser.add_argument("--n-embd", type=int, default=256)
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--quality", type=float, metavar="SECONDS",
+                        help="time to quality: train each for SECONDS of wall-clock, compare val bits/byte")
     args = parser.parse_args()
     size = {"n_layer": args.n_layer, "n_head": args.n_layer, "n_embd": args.n_embd, "context": args.context,
             "batch": args.batch}
@@ -115,6 +204,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         source = prepare_nanogpt(args.nanogpt, work, vocab)
+        if args.quality:
+            print(json.dumps({"size": size, "vocab": vocab, **quality(source, size, args.quality, work)}))
+            return
         for r in range(args.rounds):
             times["ours"] += ours(size, args.iters, work / f"ours{r}")
             times["nanogpt"] += nanogpt(source, size, args.iters, work / f"nano{r}")

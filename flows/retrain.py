@@ -36,7 +36,8 @@ from prefect.states import Completed, State
 from pipeline import tracking
 from pipeline.config import load_config
 
-STAGES = ("ingest", "clean", "tokenize", "cooccur", "glove", "pretrain", "finetune", "evaluate")
+STAGES = ("ingest", "clean", "tokenize", "cooccur", "glove", "cooccur_token", "glove_token", "pretrain",
+          "finetune", "evaluate")
 DEFAULT_PROJECT = Path(__file__).resolve().parent.parent
 
 

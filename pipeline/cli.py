@@ -34,8 +34,10 @@ STAGES = {
     "ingest": "Copy the raw sources into data/raw",
     "clean": "Clean the raw sources into data/clean",
     "tokenize": "Train the BPE tokenizer and encode the token shards",
-    "cooccur": "Count co-occurrences over the train split",
-    "glove": "Train GloVe vectors and evaluate them on word benchmarks",
+    "cooccur": "Count word co-occurrences over the train split",
+    "cooccur_token": "Count token co-occurrences over the train shards",
+    "glove": "Train GloVe word vectors and evaluate them on word benchmarks",
+    "glove_token": "Train GloVe token vectors (the language model's embedding init)",
     "pretrain": "Train the language model (torchrun for several processes)",
     "finetune": "Fine-tune a sentiment classifier on the pretrained model",
     "evaluate": "Evaluate the models against baselines and write reports/report.html",
@@ -46,8 +48,9 @@ def add_stage_command(name: str, summary: str) -> None:
     def command(params: ParamsOption = DEFAULT_PARAMS) -> None:
         import importlib
 
-        stage = importlib.import_module(f"pipeline.{name}")
-        raise typer.Exit(stage.main(["--params", str(params)]))
+        module, _, unit = name.partition("_")  # cooccur_token -> pipeline.cooccur --unit token
+        stage = importlib.import_module(f"pipeline.{module}")
+        raise typer.Exit(stage.main(["--params", str(params), *(["--unit", unit] if unit else [])]))
 
     command.__doc__ = f"{summary} (what `dvc repro {name}` runs)."
     app.command(name=name)(command)

@@ -141,6 +141,7 @@ class Tokenize(Section):
     min_frequency: int = Field(2, ge=1, description="minimum pair count for a merge")
     eot_token: str = Field("<|endoftext|>", min_length=1, description="separates documents")
     pad_token: str = Field("<|pad|>", min_length=1, description="pads labeled examples")
+    mask_token: str = Field("<|mask|>", min_length=1, description="hides tokens in masked-language modelling")
     tokenizer_file: str | None = Field(None, description="reuse this tokenizer.json instead of training")
     shard_tokens: int = Field(1_048_576, ge=1024, description="tokens per shard (the last is shorter)")
     batch_documents: int = Field(256, ge=1, description="documents encoded per encode_batch call")
@@ -168,6 +169,11 @@ class Model(Section):
 
 
 class Pretrain(Section):
+    """The language model's training: `objective` clm (next token, a GPT decoder) or mlm (masked
+    tokens, a bidirectional encoder of the same shape)."""
+
+    objective: Literal["clm", "mlm"] = Field("clm", description="clm: causal LM; mlm: masked LM (encoder)")
+    mask_rate: float = Field(0.15, gt=0, lt=1, description="mlm: share of tokens chosen (80/10/10)")
     model: Model = Model()
     batch_size: int = Field(16, ge=1, description="windows per micro-batch, per process")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
@@ -186,9 +192,15 @@ class Pretrain(Section):
     resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the last checkpoint")
     compile: bool = Field(False, description="torch.compile the model")
     init_embeddings: bool = Field(
-        False, description="start the token embedding from the glove vectors (needs cooccur.unit: token)"
+        False, description="start the token embedding from the token GloVe vectors (paths.glove_token)"
     )
     seed: int = 1337
+
+    @model_validator(mode="after")
+    def _mlm_needs_attention(self) -> Pretrain:
+        if self.objective == "mlm" and self.model.arch != "gpt":
+            raise ValueError(f"objective mlm needs model.arch gpt, not {self.model.arch} (reads left only)")
+        return self
 
 
 # ---------------------------------------------------------------- co-occurrence and GloVe
@@ -197,11 +209,9 @@ GENSIM_TEST_DATA = "pkg://gensim/test/test_data"
 
 
 class Cooccur(Section):
-    """Co-occurrence counts over the train split, with the semantics of Stanford GloVe's `cooccur`."""
+    """Co-occurrence counts over the train split, with the semantics of Stanford GloVe's `cooccur`,
+    for two units: words of the clean text (stage `cooccur`) and BPE ids of the shards (`cooccur_token`)."""
 
-    unit: Literal["word", "token"] = Field(
-        "word", description="word: lowercased words of the clean text; token: BPE ids of the token shards"
-    )
     # The 1/d weights are summed exactly as integers over lcm(1..window): 24 keeps that in int64.
     window: int = Field(24, ge=1, le=24, description="units each side of the centre")
     min_count: int = Field(5, ge=1, description="units seen fewer times in train are dropped first")
@@ -253,6 +263,8 @@ class Finetune(Section):
     epochs: int = Field(2, ge=1, description="passes over the train examples (early stopping may stop first)")
     max_examples: int | None = Field(None, ge=1, description="use only this many train examples")
     batch_size: int = Field(32, ge=1)
+    dropout: float | None = Field(None, ge=0, lt=1, description="the backbone's dropout while fine-tuning; "
+                                  "null keeps the pretrained model's")
     learning_rate: float = Field(5e-4, gt=0, description="backbone peak learning rate (mode full)")
     head_learning_rate: float = Field(3e-3, gt=0, description="classification head peak learning rate")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="end of the cosine decay, a share of the peak")
@@ -269,6 +281,14 @@ class Finetune(Section):
 class Evaluate(Section):
     bigram_k: float = Field(0.01, gt=0, description="add-k smoothing of the bigram baseline")
     tfidf_max_features: int | None = Field(None, ge=1, description="cap the baseline's vocabulary")
+    tfidf_c: list[float] = Field(
+        default_factory=lambda: [0.5, 1.0, 2.0, 4.0, 8.0, 16.0], min_length=1,
+        description="the baseline's inverse regularisation strengths; the best on val (with or without "
+        "balanced class weights) is scored on test",
+    )
+    pseudo_perplexity_windows: int = Field(
+        8, ge=1, description="mlm: test windows scored token by token (one forward pass per token)"
+    )
     samples: list[str] = Field(
         default_factory=lambda: ["The history of", "In mathematics,", "The city is"],
         description="prompts for the report's generated samples",
@@ -290,8 +310,10 @@ class Paths(Section):
     splits: str = "data/splits"
     tokenizer: str = "data/tokenizer"
     tokens: str = "data/tokens"
-    cooccur: str = "data/cooccur"
-    glove: str = "data/glove"
+    cooccur: str = "data/cooccur"              # word unit
+    cooccur_token: str = "data/cooccur_token"  # token unit
+    glove: str = "data/glove"                  # word vectors
+    glove_token: str = "data/glove_token"      # token vectors (pretrain.init_embeddings)
     lm: str = "data/lm"
     checkpoints: str = "checkpoints/pretrain"
     classifier: str = "data/classifier"

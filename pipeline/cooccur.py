@@ -5,20 +5,20 @@ windowing (they take no window slot); each pair of units d apart (1 <= d <= wind
 document adds 1/d to X[a, b] and to X[b, a], so X is symmetric and self pairs count twice. Windows
 never cross a document boundary.
 
-Units (`cooccur.unit`): `word`, lowercased `word_pattern` matches of the clean train text (the
-corpus, then with `include_labeled_train` the labeled set's train texts, each text a document), or
-`token`, the BPE ids of the train token shards, which hold the labeled train texts when
-`tokenize.include_labeled_train` (the row of a token is then its id's vocabulary rank;
-`vocab.parquet` maps it back to the id).
+Units (`--unit`; the `cooccur` stage counts words, `cooccur_token` tokens): `word`, lowercased
+`word_pattern` matches of the clean train text (the corpus, then with `include_labeled_train` the
+labeled set's train texts, each text a document), or `token`, the BPE ids of the train token shards,
+which hold the labeled train texts when `tokenize.include_labeled_train` (the row of a token is then
+its id's vocabulary rank; `vocab.parquet` maps it back to the id).
 
 Exact and memory-bounded: the weight 1/d is summed as the integer lcm(1..window)/d, so sums do not
 depend on order and every value equals the exact rational rounded once. Pairs accumulate in a buffer
 of `memory_mb`; a full buffer is sorted, reduced and spilled to disk; spilled chunks are merged a
 block of rows at a time.
 
-Outputs in `paths.cooccur/`: `cooccur.parquet` (`row` int32, `col` int32, `value` float64, sorted by
-row then col), `vocab.parquet` (`unit`, `count`, and `token_id` for tokens; row i is unit i), and
-`metrics/cooccur.json`.
+Outputs in `paths.cooccur/` (tokens: `paths.cooccur_token/`): `cooccur.parquet` (`row` int32,
+`col` int32, `value` float64, sorted by row then col), `vocab.parquet` (`unit`, `count`, and
+`token_id` for tokens; row i is unit i), and `metrics/cooccur.json` (`metrics/cooccur_token.json`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -56,6 +56,9 @@ LABELED_FILE = "labeled.parquet"
 BYTES_PER_PAIR = 8 * 3  # an int64 code, its sorted copy, and the keys and weights unpacked from it
 DISTANCE_BITS = 5  # window <= 24 < 2**5
 IDS_PER_READ = 1 << 22  # word ids per read when counting (16 MiB)
+
+Unit = Literal["word", "token"]
+UNITS: tuple[Unit, ...] = ("word", "token")
 
 
 @dataclass(frozen=True)
@@ -162,9 +165,9 @@ def token_vocabulary(shards: TokenShards, names: list[str], specials: set[int], 
     return Vocabulary([names[i] for i in kept], counts[kept], np.array(kept, dtype=np.int64))
 
 
-def check_vocabulary(vocab: Vocabulary, cfg: Cooccur) -> None:
+def check_vocabulary(vocab: Vocabulary, cfg: Cooccur, unit: Unit) -> None:
     if not len(vocab):
-        raise InputError(f"no {cfg.unit} occurs at least cooccur.min_count={cfg.min_count} times in train")
+        raise InputError(f"no {unit} occurs at least cooccur.min_count={cfg.min_count} times in train")
 
 
 def word_rows(word_ids: WordIds, vocab: Vocabulary) -> Iterator[np.ndarray]:
@@ -392,27 +395,29 @@ def token_names(tokenizer_dir: Path, vocab_size: int) -> list[str]:
 
 
 def run(
-    cfg: Config, clean_dir: Path, tokenizer_dir: Path, tokens_dir: Path, out_dir: Path, metrics_path: Path
+    cfg: Config, clean_dir: Path, tokenizer_dir: Path, tokens_dir: Path, out_dir: Path, metrics_path: Path,
+    unit: Unit = "word",
 ) -> dict[str, Any]:
     """Build the vocabulary and the co-occurrence triples of the train split; returns the metrics.
-    `unit: word` reads `clean_dir`; `unit: token` reads `tokens_dir` and `tokenizer_dir`."""
+    `unit` word reads `clean_dir`; token reads `tokens_dir` and `tokenizer_dir`."""
     co = cfg.cooccur
     started = time.perf_counter()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stack = contextlib.ExitStack()
-    if co.unit == "word":
+    if unit == "word":
         tables = word_tables(clean_dir, co)
         word_ids = read_word_ids(tables, co.word_pattern, Path(stack.enter_context(
             tempfile.TemporaryDirectory(dir=out_dir.parent))) / "word_ids.int32")
         vocab = word_vocabulary(word_ids, co, tables)
-        check_vocabulary(vocab, co)
+        check_vocabulary(vocab, co, unit)
         documents: Iterable[np.ndarray] = word_rows(word_ids, vocab)
     else:
         manifest = read_manifest(tokens_dir)
         shards = TokenShards(tokens_dir, "train")
         names = token_names(tokenizer_dir, manifest["vocab_size"])
-        vocab = token_vocabulary(shards, names, {manifest["eot_id"], manifest["pad_id"]}, co)
-        check_vocabulary(vocab, co)
+        specials = {manifest[k] for k in ("eot_id", "pad_id", "mask_id") if manifest.get(k) is not None}
+        vocab = token_vocabulary(shards, names, specials, co)
+        check_vocabulary(vocab, co, unit)
         documents = token_rows(shards, vocab, manifest["vocab_size"])
     with stack, atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent) as spill:
         write_vocabulary(vocab, tmp / VOCAB_FILE)
@@ -420,7 +425,7 @@ def run(
     if not counts["nnz"]:
         raise InputError("no two in-vocabulary units share a document in train: the matrix is empty")
     metrics = {
-        "unit": co.unit, "window": co.window, "min_count": co.min_count, "vocab_size": len(vocab),
+        "unit": unit, "window": co.window, "min_count": co.min_count, "vocab_size": len(vocab),
         "nnz": counts["nnz"], "sum": round(counts["sum"], 6), "train_units_in_vocab": counts["units"],
         "chunks": counts["chunks"],
     }
@@ -429,25 +434,27 @@ def run(
     return metrics
 
 
-def execute(cfg: Config) -> str:
+def execute(cfg: Config, unit: Unit = "word") -> str:
+    """The stage as DVC runs it: `cooccur` on words, `cooccur_token` (`--unit token`) on BPE ids."""
     from pipeline import tracking
 
     clean_dir, tokens_dir = PROJECT_ROOT / cfg.paths.clean, PROJECT_ROOT / cfg.paths.tokens
     tokenizer_dir = PROJECT_ROOT / cfg.paths.tokenizer
-    out_dir = PROJECT_ROOT / cfg.paths.cooccur
-    metrics_path = PROJECT_ROOT / cfg.paths.metrics / "cooccur.json"
-    word = cfg.cooccur.unit == "word"
+    word = unit == "word"
+    stage = "cooccur" if word else "cooccur_token"
+    out_dir = PROJECT_ROOT / (cfg.paths.cooccur if word else cfg.paths.cooccur_token)
+    metrics_path = PROJECT_ROOT / cfg.paths.metrics / f"{stage}.json"
     inputs = {"clean": clean_dir} if word else {"tokens": tokens_dir, "tokenizer": tokenizer_dir}
-    with tracking.stage_run("cooccur", cfg.tracking, cfg.cooccur.model_dump(), inputs,
+    with tracking.stage_run(stage, cfg.tracking, cfg.cooccur.model_dump(), inputs,
                             {"cooccur": out_dir}) as run_log:
-        metrics = run(cfg, clean_dir, tokenizer_dir, tokens_dir, out_dir, metrics_path)
+        metrics = run(cfg, clean_dir, tokenizer_dir, tokens_dir, out_dir, metrics_path, unit)
         run_log.log_metrics(tracking.numeric_leaves(metrics))
-    return (f"cooccur: {metrics['unit']} vocabulary {metrics['vocab_size']}, nnz {metrics['nnz']}, "
+    return (f"{stage}: {metrics['unit']} vocabulary {metrics['vocab_size']}, nnz {metrics['nnz']}, "
             f"{metrics['seconds']} s -> {out_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("cooccur", __doc__, execute, argv)
+    return stage_main("cooccur", __doc__, execute, argv, choices={"unit": UNITS})
 
 
 if __name__ == "__main__":

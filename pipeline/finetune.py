@@ -41,7 +41,7 @@ from pipeline.classify import (
 )
 from pipeline.config import PROJECT_ROOT, Config, Finetune
 from pipeline.files import InputError, atomic_dir, file_digest, write_csv, write_json
-from pipeline.models import SequenceClassifier
+from pipeline.models import SequenceClassifier, with_dropout
 from pipeline.shards import read_manifest
 from pipeline.stagecli import stage_main
 from pipeline.training import autocast, decay_groups, warmup_cosine
@@ -108,6 +108,8 @@ def run(cfg: Config, lm_dir: Path, tokens_dir: Path, out_dir: Path, checkpoints:
     labeled = tokens_dir / "labeled"
     mapping = read_labels(labeled / LABELS_FILE)
     backbone, lm_config = load_model(lm_dir)
+    if f.dropout is not None:
+        backbone = with_dropout(backbone, f.dropout)
     max_length = min(cfg.tokenize.max_length, lm_config["model"]["context"])  # a GPT sees no further
     train = read_examples(labeled, "train").sample(f.max_examples, f.seed).truncated(max_length)
     val = read_examples(labeled, "val").truncated(max_length)

@@ -49,6 +49,9 @@ def generate(checkpoint: Path, prompt: str, max_new_tokens: int = 100, temperatu
     if not tokenizer_file.exists():
         raise InputError(f"{checkpoint}: no tokenizer.json beside the model")
     model, config = load_model(checkpoint)
+    if not config["model"].get("causal", True):
+        raise InputError(f"{checkpoint}: a masked-language model (encoder) does not generate text; "
+                         "give a causal one (pretrain.objective: clm)")
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     eot = config["eot_id"]
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids or [eot]

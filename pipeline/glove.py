@@ -9,10 +9,13 @@ f(x) = min(1, (x / x_max)^alpha). The update is the reference C code's AdaGrad (
 - biases: b -= f diff / sqrt(G); G += (f diff)^2: no eta and no clipping, as in C.
 All records of a batch read the parameters as the batch found them (as Hogwild threads read stale rows).
 
-Outputs in `paths.glove/`: `vectors.safetensors` (`vectors` = w + w~, float32, row i = vocabulary
-unit i; `token_ids` for the token unit), `vectors.txt` (GloVe text format: `unit v1 v2 ...`), and
-`metrics/glove.json` (loss per epoch, seconds per epoch, word benchmarks with coverage, nearest
-neighbours of the probe words) with the loss curve in `metrics/plots/glove_loss.csv`.
+Two stages: `glove` on the word counts, `glove_token` (`--unit token`) on the token counts, whose
+vectors can start the language model's embedding. Outputs in `paths.glove/` (`paths.glove_token/`):
+`vectors.safetensors` (`vectors` = w + w~, float32, row i = vocabulary unit i; `token_ids` for the
+token unit), `vectors.txt` (GloVe text format: `unit v1 v2 ...`), and `metrics/glove.json`
+(`glove_token.json`; loss per epoch, seconds per epoch, word benchmarks with coverage, nearest
+neighbours of the probe words) with the loss curve in `metrics/plots/glove_loss.csv`
+(`glove_token_loss.csv`).
 """
 
 from __future__ import annotations
@@ -165,8 +168,10 @@ def write_text_vectors(path: Path, units: list[str], vectors: np.ndarray) -> Non
             out.write(unit + " " + " ".join(f"{v:.6f}" for v in row) + "\n")
 
 
-def run(cfg: Config, cooccur_dir: Path, out_dir: Path, metrics_dir: Path) -> dict[str, Any]:
-    """Train the vectors, save them, evaluate word vectors; returns the metrics written."""
+def run(cfg: Config, cooccur_dir: Path, out_dir: Path, metrics_dir: Path,
+        stage: str = "glove") -> dict[str, Any]:
+    """Train the vectors, save them, evaluate word vectors; returns the metrics written (to
+    `metrics/<stage>.json`, the loss curve to `metrics/plots/<stage>_loss.csv`)."""
     gcfg = cfg.glove
     vocab = read_vocabulary(cooccur_dir / VOCAB_FILE)
     benchmark_files = {name: resolve_package_path(spec) if spec.startswith("pkg://") else PROJECT_ROOT / spec
@@ -198,32 +203,37 @@ def run(cfg: Config, cooccur_dir: Path, out_dir: Path, metrics_dir: Path) -> dic
     }
     if vocab.token_ids is None:
         metrics.update(wordbench.evaluate(word_vectors, *benchmark_files.values()))
-    write_json(metrics_dir / "glove.json", metrics)
-    write_csv(metrics_dir / "plots" / "glove_loss.csv", ["epoch", "loss"],
+    write_json(metrics_dir / f"{stage}.json", metrics)
+    write_csv(metrics_dir / "plots" / f"{stage}_loss.csv", ["epoch", "loss"],
               [(h["epoch"], h["loss"]) for h in history])
     metrics["history"] = history
     return metrics
 
 
-def execute(cfg: Config) -> str:
+def execute(cfg: Config, unit: str = "word") -> str:
+    """The stage as DVC runs it: `glove` on the word counts, `glove_token` (`--unit token`) on the tokens'."""
     from pipeline import tracking
 
-    cooccur_dir, out_dir = PROJECT_ROOT / cfg.paths.cooccur, PROJECT_ROOT / cfg.paths.glove
+    word = unit == "word"
+    stage = "glove" if word else "glove_token"
+    cooccur_dir = PROJECT_ROOT / (cfg.paths.cooccur if word else cfg.paths.cooccur_token)
+    out_dir = PROJECT_ROOT / (cfg.paths.glove if word else cfg.paths.glove_token)
     metrics_dir = PROJECT_ROOT / cfg.paths.metrics
-    with tracking.stage_run("glove", cfg.tracking, cfg.glove.model_dump(), {"cooccur": cooccur_dir},
+    with tracking.stage_run(stage, cfg.tracking, cfg.glove.model_dump(), {"cooccur": cooccur_dir},
                             {"glove": out_dir}) as run_log:
-        metrics = run(cfg, cooccur_dir, out_dir, metrics_dir)
+        metrics = run(cfg, cooccur_dir, out_dir, metrics_dir, stage)
         for h in metrics.pop("history"):
             run_log.log_metrics({"loss": h["loss"], "epoch_seconds": h["seconds"]}, step=h["epoch"])
         run_log.log_metrics(tracking.numeric_leaves({k: v for k, v in metrics.items() if k != "neighbours"}))
         run_log.log_artifact(out_dir / VECTORS_FILE, "embeddings")
     scores = ", ".join(f"{k} {metrics[k].get('spearman', metrics[k].get('accuracy'))}"
                        for k in ("wordsim353", "simlex999", "analogy") if k in metrics)
-    return f"glove: loss {metrics['loss']}, {metrics['seconds_per_epoch']} s/epoch {scores} -> {out_dir}"
+    return f"{stage}: loss {metrics['loss']}, {metrics['seconds_per_epoch']} s/epoch {scores} -> {out_dir}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("glove", __doc__, execute, argv, errors=(FloatingPointError,))
+    return stage_main("glove", __doc__, execute, argv, errors=(FloatingPointError,),
+                      choices={"unit": ("word", "token")})
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def affected_outputs(stage: StageRecord, changed: str) -> list[str]:
     stage-level dependencies; the clean and tokenize stages' contracts are finer and say so here:
     clean writes the corpus from unlabeled sources and the labeled set from labeled ones, tokenize
     encodes the labeled set apart from the corpus shards (unless `include_labeled_train`), and
-    cooccur reads the labeled set only for word units with its own `include_labeled_train`."""
+    cooccur (words) reads the labeled set only with its own `include_labeled_train`."""
     every = [o.path for o in stage.outs]
     if stage.name == "clean" and stage.outs:
         raw = next((d.path for d in stage.deps if Artifact(d.path, "").contains(changed)
@@ -109,10 +109,9 @@ def affected_outputs(stage: StageRecord, changed: str) -> list[str]:
     if stage.name == "tokenize" and changed.endswith("labeled.parquet") and corpus_only:
         tokens = [o.path for o in stage.outs if o.md5.endswith(".dir")][-1]  # the tokenizer's dir, then this
         return [f"{tokens}/labeled", f"{tokens}/manifest.json"]
-    if stage.name == "cooccur" and changed.endswith("labeled.parquet"):
-        counting = stage.params.get("cooccur", {})
-        if not (counting.get("unit") == "word" and counting.get("include_labeled_train")):
-            return []
+    counts_labeled = stage.params.get("cooccur", {}).get("include_labeled_train")
+    if stage.name == "cooccur" and changed.endswith("labeled.parquet") and not counts_labeled:
+        return []
     return every
 
 

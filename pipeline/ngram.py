@@ -19,16 +19,19 @@ def unigram_bits_per_token(train: TokenShards, heldout: TokenShards, vocab_size:
     return float(-(heldout_counts * log_p).sum() / heldout_counts.sum())
 
 
-def pair_keys(shards: TokenShards, vocab_size: int) -> np.ndarray:
-    """previous * V + next for every adjacent pair of the split (across shard boundaries too)."""
-    tokens = np.concatenate([a.astype(np.int64) for a in shards.arrays])
+def pair_keys(shards: TokenShards, vocab_size: int, first: int | None = None) -> np.ndarray:
+    """previous * V + next for every adjacent pair of the split (across shard boundaries too), or of
+    its `first` tokens only."""
+    tokens = np.concatenate([a.astype(np.int64) for a in shards.arrays])[:first]
     return tokens[:-1] * vocab_size + tokens[1:]
 
 
-def bigram_bits_per_token(train: TokenShards, heldout: TokenShards, vocab_size: int, k: float) -> float:
-    """Cross-entropy (bits per predicted token) of held-out pairs under add-k bigram counts of train:
+def bigram_bits_per_token(train: TokenShards, heldout: TokenShards, vocab_size: int, k: float,
+                          train_tokens: int | None = None) -> float:
+    """Cross-entropy (bits per predicted token) of held-out pairs under add-k bigram counts of train
+    (of its first `train_tokens` tokens, when given):
     p(next | prev) = (c(prev, next) + k) / (c(prev) + k V)."""
-    keys, counts = np.unique(pair_keys(train, vocab_size), return_counts=True)
+    keys, counts = np.unique(pair_keys(train, vocab_size, train_tokens), return_counts=True)
     context_counts = np.bincount(keys // vocab_size, weights=counts, minlength=vocab_size)
     queries = pair_keys(heldout, vocab_size)
     found = np.searchsorted(keys, queries)

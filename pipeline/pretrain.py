@@ -1,4 +1,8 @@
-"""Pretrain stage: a GPT (or LSTM/GRU) language model on random windows of the train shards.
+"""Pretrain stage: a language model on random windows of the train shards. `objective: clm` trains
+a GPT decoder (or an LSTM/GRU) on the next token; `objective: mlm` a BERT-style encoder of the same
+shape on masked tokens (dynamic masking, `mask_rate` of the non-special tokens, 80/10/10
+mask/random/keep, the masks a function of seed, rank and step), validated by masked-token loss and
+accuracy on fixed masks.
 
 AdamW (weight decay on matrices only: not on biases, norm gains or the token/position embeddings,
 which the output head shares), linear warmup then cosine decay, gradient clipping and accumulation,
@@ -38,7 +42,16 @@ from pipeline.models import build_model
 from pipeline.ngram import unigram_bits_per_token
 from pipeline.shards import TokenShards, WindowPosition, read_manifest
 from pipeline.stagecli import stage_main
-from pipeline.training import batch_loss, decay_groups, mean_loss, warmup_cosine
+from pipeline.training import (
+    batch_loss,
+    decay_groups,
+    mask_tokens,
+    masked_eval,
+    masked_loss,
+    masking_generator,
+    mean_loss,
+    warmup_cosine,
+)
 
 # Dense bf16 peak FLOP/s by device name (vendor datasheets); a CPU's peak is measured instead.
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -63,7 +76,7 @@ def model_config(cfg: Pretrain, vocab_size: int) -> dict[str, Any]:
     shape = {"arch": m.arch, "vocab_size": vocab_size, "context": m.context, "n_layer": m.n_layer,
              "n_embd": m.n_embd, "dropout": m.dropout}
     if m.arch == "gpt":
-        shape.update(n_head=m.n_head, bias=m.bias, positions=m.positions)
+        shape.update(n_head=m.n_head, bias=m.bias, positions=m.positions, causal=cfg.objective == "clm")
     return shape
 
 
@@ -79,7 +92,8 @@ def glove_embedding(glove_dir: Path, initial: torch.Tensor) -> torch.Tensor:
         raise InputError(f"{path}: GloVe vectors not found (pretrain.init_embeddings needs the glove output)")
     saved = load_file(path)
     if "token_ids" not in saved:
-        raise InputError(f"{path}: word vectors; pretrain.init_embeddings needs cooccur.unit: token")
+        raise InputError(f"{path}: word vectors; pretrain.init_embeddings needs token vectors "
+                         "(the glove_token stage)")
     ids, vectors = saved["token_ids"].long(), saved["vectors"].double()
     if int(ids.max()) >= len(initial):
         raise InputError(f"{path}: token ids past the model vocabulary ({len(initial)}): another tokenizer?")
@@ -141,6 +155,39 @@ def write_curves(plots: Path, progress: dict[str, Any]) -> None:
         write_csv(plots / f"pretrain_{name}.csv", ["step", "loss"], progress[f"{name}_curve"])
 
 
+def special_ids(manifest: dict[str, Any], tokens_dir: Path) -> torch.Tensor:
+    """The ids masking never chooses (end-of-text, padding, the mask itself)."""
+    if manifest.get("mask_id") is None:
+        raise InputError(f"{tokens_dir}: the tokenizer has no mask token; pretrain.objective mlm needs "
+                         "tokenize.mask_token in it (retrain the tokenizer or add the token)")
+    return torch.tensor([manifest["eot_id"], manifest["pad_id"], manifest["mask_id"]])
+
+
+def validation_loss(model: nn.Module, windows: np.ndarray, cfg: Pretrain, device: torch.device,
+                    manifest: dict[str, Any], specials: torch.Tensor) -> tuple[float, float]:
+    """(loss, masked-token accuracy) for mlm on masks fixed by the seed; (next-token loss, nan) for clm."""
+    if cfg.objective == "mlm":
+        return masked_eval(model, windows, cfg.batch_size, device, manifest["mask_id"], specials,
+                           cfg.mask_rate, cfg.seed)
+    return mean_loss(model, windows, cfg.batch_size, device), math.nan
+
+
+def final_validation(model: nn.Module, windows: np.ndarray, cfg: Pretrain, device: torch.device,
+                     manifest: dict[str, Any], specials: torch.Tensor, train: TokenShards,
+                     val: TokenShards) -> dict[str, Any]:
+    """The best model on the whole val split: masked-token loss and accuracy for mlm (never bits per
+    byte: it does not predict text left to right), else loss, perplexity and bits per byte beside a
+    unigram model of the train split."""
+    loss, accuracy = validation_loss(model, windows, cfg, device, manifest, specials)
+    if cfg.objective == "mlm":
+        return {"val_mlm_loss": round(loss, 4), "val_mlm_accuracy": round(accuracy, 4)}
+    bytes_per_token = manifest["totals"]["val"]["text_bytes"] / manifest["totals"]["val"]["tokens"]
+    unigram_bits = unigram_bits_per_token(train, val, manifest["vocab_size"])
+    return {"val_loss": round(loss, 4), "val_perplexity": round(math.exp(loss), 2),
+            "val_bits_per_byte": round(loss / math.log(2) / bytes_per_token, 4),
+            "unigram_val_bits_per_byte": round(unigram_bits / bytes_per_token, 4)}
+
+
 def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkpoints: Path,
         metrics_dir: Path, tracked: Any = None, glove_dir: Path | None = None) -> dict[str, Any]:
     """Train until max_steps or early stopping; rank 0 writes the best model (by validation loss,
@@ -151,11 +198,13 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
     torch.backends.cudnn.allow_tf32 = True
     manifest = read_manifest(tokens_dir)
     train, val = TokenShards(tokens_dir, "train"), TokenShards(tokens_dir, "val")
+    masked = p.objective == "mlm"
+    specials = special_ids(manifest, tokens_dir) if masked else torch.empty(0, dtype=torch.long)
     torch.manual_seed(p.seed)
     model = build_model(model_config(p, manifest["vocab_size"])).to(device)
     data_digest = manifest["tokenizer_sha256"]
     if p.init_embeddings:
-        glove_dir = glove_dir or PROJECT_ROOT / cfg.paths.glove
+        glove_dir = glove_dir or PROJECT_ROOT / cfg.paths.glove_token
         with torch.no_grad():
             model.wte.weight.copy_(glove_embedding(glove_dir, model.wte.weight.detach().cpu()))
         data_digest += file_digest(glove_dir / "vectors.safetensors")  # other vectors: no resume
@@ -172,6 +221,8 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
                                   WindowPosition(p.seed, rank, progress["step"] * p.grad_accum))
     tokens_per_step = p.batch_size * p.grad_accum * p.model.context * world
     flops_per_step = model.flops_per_token() * tokens_per_step  # type: ignore[operator]
+    if masked:  # the head runs on the masked positions only
+        flops_per_step -= 6 * model.wte.weight.numel() * (1 - p.mask_rate) * tokens_per_step
     peak = peak_flops(device) * world
     stopped_early = False
     while progress["step"] < p.max_steps and not stopped_early:
@@ -185,7 +236,14 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
             progress["seconds_waiting"] += time.perf_counter() - fetch_started
             sync = contextlib.nullcontext() if world == 1 or micro == p.grad_accum - 1 else trained.no_sync()
             with sync:
-                loss = batch_loss(trained, batch, device) / p.grad_accum
+                if masked:
+                    generator = masking_generator(p.seed, rank, progress["step"], micro)
+                    inputs, targets = mask_tokens(batch[:, :-1].cpu(), manifest["mask_id"], specials,
+                                                  manifest["vocab_size"], p.mask_rate, generator)
+                    loss = masked_loss(trained, inputs.to(device), targets.to(device), device)[0]
+                else:
+                    loss = batch_loss(trained, batch, device)
+                loss = loss / p.grad_accum
                 loss.backward()
             loss_sum += loss.item()
         if not math.isfinite(loss_sum):
@@ -204,7 +262,7 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
             tracked.log_metrics({"train_loss": loss_sum, "lr": lr_at(step - 1, p),
                                  "tokens_per_s": tokens_per_step / seconds}, step=step)
         if step % p.eval_every == 0 or step == p.max_steps:
-            val_loss = mean_loss(model, val_windows, p.batch_size, device)
+            val_loss = validation_loss(model, val_windows, p, device, manifest, specials)[0]
             progress["val_curve"].append((step, val_loss))
             if tracked is not None and rank == 0:
                 tracked.log_metrics({"val_loss": val_loss}, step=step)
@@ -225,15 +283,10 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
             shutil.copy(tokenizer_dir / "tokenizer.json", tmp / "tokenizer.json")
         best, _ = load_model(lm_dir)
         full_val = np.concatenate(list(val.sequential_windows(p.model.context, p.batch_size)))
-        val_loss = mean_loss(best.to(device), full_val, p.batch_size, device)
-        bytes_per_token = manifest["totals"]["val"]["text_bytes"] / manifest["totals"]["val"]["tokens"]
-        unigram_bits = unigram_bits_per_token(train, val, manifest["vocab_size"])
         steps_run, elapsed = len(progress["train_curve"]), progress["seconds_training"]
         metrics = {
-            "steps": progress["step"], "stopped_early": stopped_early,
-            "val_loss": round(val_loss, 4), "val_perplexity": round(math.exp(val_loss), 2),
-            "val_bits_per_byte": round(val_loss / math.log(2) / bytes_per_token, 4),
-            "unigram_val_bits_per_byte": round(unigram_bits / bytes_per_token, 4),
+            "objective": p.objective, "steps": progress["step"], "stopped_early": stopped_early,
+            **final_validation(best.to(device), full_val, p, device, manifest, specials, train, val),
             "parameters": sum(t.numel() for t in model.parameters()),
             "tokens_per_s": round(tokens_per_step * steps_run / elapsed, 1) if elapsed else 0.0,
             "mfu": round(flops_per_step * steps_run / elapsed / peak, 4) if elapsed and peak else 0.0,
@@ -253,23 +306,27 @@ def execute(cfg: Config) -> str:
     from pipeline import tracking
 
     paths = {name: PROJECT_ROOT / getattr(cfg.paths, name)
-             for name in ("tokens", "tokenizer", "glove", "lm", "checkpoints", "metrics")}
+             for name in ("tokens", "tokenizer", "glove_token", "lm", "checkpoints", "metrics")}
     leader = int(os.environ.get("RANK", 0)) == 0
     inputs = {"tokens": paths["tokens"]}
     if cfg.pretrain.init_embeddings:
-        inputs["glove"] = paths["glove"]
+        inputs["glove"] = paths["glove_token"]
     tracking_cfg = cfg.tracking if leader else cfg.tracking.model_copy(update={"enabled": False})
     with tracking.stage_run("pretrain", tracking_cfg, cfg.pretrain.model_dump(),
                             inputs, {"lm": paths["lm"]}) as run_log:
         metrics = run(cfg, paths["tokens"], paths["tokenizer"], paths["lm"], paths["checkpoints"],
-                      paths["metrics"], run_log, paths["glove"])
+                      paths["metrics"], run_log, paths["glove_token"])
         if leader:
             run_log.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
             tracking.register_model(run_log, paths["lm"], cfg.tracking.lm_model, "lm")
     if not metrics:
         return ""
-    return (f"pretrain: {metrics['steps']} steps, val bits/byte {metrics['val_bits_per_byte']} "
-            f"(unigram {metrics['unigram_val_bits_per_byte']}), {metrics['tokens_per_s']} tokens/s, "
+    masked = metrics["objective"] == "mlm"
+    quality = (f"val masked-token accuracy {metrics['val_mlm_accuracy']}" if masked else
+               f"val bits/byte {metrics['val_bits_per_byte']} "
+               f"(unigram {metrics['unigram_val_bits_per_byte']})")
+    return (f"pretrain ({metrics['objective']}): {metrics['steps']} steps, {quality}, "
+            f"{metrics['tokens_per_s']} tokens/s, "
             f"MFU {metrics['mfu']:.1%} -> {paths['lm']}")
 
 

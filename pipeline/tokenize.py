@@ -58,7 +58,7 @@ def pretraining_texts(corpus: Path, labeled: Path, split: str, cfg: Tokenize,
 
 def train_tokenizer(corpus: Path, labeled: Path, cfg: Tokenize) -> Tokenizer:
     """Byte-level BPE on the train split only; no normaliser, so decoding gives the text back exactly."""
-    specials = [cfg.eot_token, cfg.pad_token]
+    specials = [cfg.eot_token, cfg.pad_token, cfg.mask_token]
     if cfg.vocab_size < BYTE_ALPHABET + len(specials):
         raise InputError(
             f"tokenize.vocab_size {cfg.vocab_size} is too small: the byte alphabet ({BYTE_ALPHABET}) "
@@ -103,6 +103,10 @@ class ShardWriter:
         self.pending: list[np.ndarray] = []
         self.pending_tokens = 0
         self.text_bytes = 0
+        self.corpus_tokens: int | None = None  # where the corpus ends, when labeled texts follow
+
+    def written(self) -> int:
+        return sum(s["tokens"] for s in self.shards) + self.pending_tokens
 
     def add(self, texts: list[str], encodings: list[Any]) -> None:
         self.text_bytes += sum(len(t.encode()) for t in texts)
@@ -128,6 +132,7 @@ class ShardWriter:
     def close(self, corpus: Path) -> list[dict[str, Any]]:
         if self.pending_tokens:
             self.flush(np.concatenate(self.pending))
+            self.pending, self.pending_tokens = [], 0
         if not self.shards:
             raise InputError(f"{corpus}: split '{self.split}' holds no documents")
         return self.shards
@@ -152,6 +157,7 @@ def encode_corpus(
                 writer.add([texts[i] for i in chosen], [encodings[i] for i in chosen])
         progress.update(len(texts))
     if cfg.include_labeled_train:
+        writers["train"].corpus_tokens = writers["train"].written()
         for texts in read_texts(labeled, "train", cfg.batch_documents):
             writers["train"].add(texts, tokenizer.encode_batch_fast(texts, add_special_tokens=False))
             progress.update(len(texts))
@@ -217,7 +223,9 @@ def run(
             split: {"tokens": sum(s["tokens"] for s in shards if s["split"] == split),
                     "documents": sum(s["documents"] for s in shards if s["split"] == split),
                     "shards": sum(s["split"] == split for s in shards),
-                    "text_bytes": text_bytes[split]}
+                    "text_bytes": text_bytes[split],
+                    # the first tokens of the split that are corpus text (the rest: labeled train texts)
+                    "corpus_tokens": writers[split].corpus_tokens or writers[split].written()}
             for split in SPLITS
         }
         manifest = {
@@ -225,6 +233,7 @@ def run(
             "vocab_size": vocab_size, "dtype": dtype.name, "shard_tokens": tok_cfg.shard_tokens,
             "eot_id": tokenizer.token_to_id(tok_cfg.eot_token),
             "pad_id": tokenizer.token_to_id(tok_cfg.pad_token),
+            "mask_id": tokenizer.token_to_id(tok_cfg.mask_token),  # None in a reused tokenizer without it
             "shards": shards, "totals": totals, "labeled": labeled_summary,
         }
         write_json(tmp / MANIFEST, manifest)

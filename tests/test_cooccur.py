@@ -39,11 +39,12 @@ def stage_matrix(out_dir: Path) -> tuple[list[str], dict]:
     return vocab, {(r, c): v for r, c, v in zip(table["row"], table["col"], table["value"], strict=True)}
 
 
-def run_cooccur(root: Path, params: dict[str, Any], out: Path, **overrides: Any) -> dict[str, Any]:
+def run_cooccur(root: Path, params: dict[str, Any], out: Path, unit: str = "word",
+                **overrides: Any) -> dict[str, Any]:
     params = copy.deepcopy(params)
     params["cooccur"].update(overrides)
     return cooccur.run(parse_config(params), root / "clean", root / "tokenizer", root / "tokens", out,
-                       out.parent / f"{out.name}.json")
+                       out.parent / f"{out.name}.json", unit)
 
 
 @pytest.mark.parametrize(("window", "labeled"), [(15, False), (3, True)])

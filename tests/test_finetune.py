@@ -157,11 +157,38 @@ def test_evaluate_writes_metrics_plots_and_a_self_contained_report(tiny_lm, trai
     rows = (metrics_dir / "plots" / "confusion.csv").read_text().splitlines()
     assert rows[0] == "actual,predicted" and len(rows) == len(test) + 1
     assert json.loads((metrics_dir / "evaluate.json").read_text())["classifier"] == metrics["classifier"]
+    tuned = metrics["baseline"]["tuned_on_val"]  # the baseline's C is the best of the grid on val
+    assert tuned["C"] in params["evaluate"]["tfidf_c"] and tuned["class_weight"] in ("none", "balanced")
+    assert lm["objective"] == "clm" and lm["ratio_to_bigram"] == pytest.approx(
+        lm["test_bits_per_byte"] / lm["bigram_bits_per_byte"], abs=2e-3)
     report = (tmp_path / "reports" / "report.html").read_text()
     for section in ("Language model", "Sentiment classifier", "Embeddings", "Samples", "Built from"):
         assert section in report
     assert report.count("data:image/png;base64,") >= 4
     assert not re.search(r"(src|href)=['\"]https?:", report)  # nothing fetched from outside
+
+
+def test_an_encoder_fine_tunes_and_is_scored_without_bits_per_byte(tiny_project, tmp_path):
+    root, params = tiny_project
+    params = copy.deepcopy(params)
+    params["pretrain"] = {"objective": "mlm", "model": TINY_MODEL, "batch_size": 8, "max_steps": 20,
+                          "warmup_steps": 2, "eval_every": 10, "eval_windows": 8, "checkpoint_every": 20}
+    params["evaluate"].update(pseudo_perplexity_windows=2)
+    pretrain.run(parse_config(params), root / "tokens", root / "tokenizer", tmp_path / "lm", tmp_path / "ck",
+                 tmp_path)
+    params = finetune_params(params, tmp_path, epochs=4)
+    tuned = finetune.run(parse_config(params), tmp_path / "lm", root / "tokens", tmp_path / "classifier",
+                         tmp_path / "ckpt", tmp_path / "m")
+    assert tuned["val_macro_f1"] > 0
+    classifier = Classifier.load(tmp_path / "classifier")
+    assert classifier.model.backbone.cfg.causal is False
+    metrics = evaluate.run(parse_config(params), tmp_path / "lm", root / "tokens", tmp_path / "classifier",
+                           root / "clean", tmp_path / "metrics", tmp_path / "report.html")
+    lm = metrics["language_model"]
+    assert lm["objective"] == "mlm" and "test_bits_per_byte" not in lm
+    assert 0 <= lm["test_mlm_accuracy"] <= 1 and lm["test_pseudo_perplexity"] > 1
+    assert metrics["samples"] == []  # an encoder does not generate
+    assert "pseudo-perplexity" in (tmp_path / "report.html").read_text()
 
 
 def test_classify_command_prints_label_and_probabilities(trained):

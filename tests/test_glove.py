@@ -115,9 +115,9 @@ def test_outputs_text_format_plot_and_benchmarks(small_project, word_cooccur, tm
 def test_token_unit_vectors_carry_their_token_ids(small_project, tmp_path):
     root, params = small_project
     params = copy.deepcopy(params)
-    params["cooccur"].update(unit="token", min_count=2)
+    params["cooccur"].update(min_count=2)
     cooccur.run(parse_config(params), root / "clean", root / "tokenizer", root / "tokens", tmp_path / "co",
-                tmp_path / "co.json")
+                tmp_path / "co.json", unit="token")
     metrics = run_glove(params, tmp_path / "co", tmp_path)
     saved = load_file(tmp_path / "glove" / glove.VECTORS_FILE)
     vocab = cooccur.read_vocabulary(tmp_path / "co" / cooccur.VOCAB_FILE)

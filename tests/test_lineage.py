@@ -77,26 +77,29 @@ def test_impacted_lists_everything_downstream(chain: Path) -> None:
     assert lineage.impacted("tokenize.py", root=chain)["stages"] == {"tokenize": ["data/tokens"]}
 
 
-@pytest.mark.parametrize(("counting", "reached"), [
-    ({"unit": "word", "include_labeled_train": True}, True),
-    ({"unit": "word", "include_labeled_train": False}, False),
-    ({"unit": "token", "include_labeled_train": True}, False),
+WORD_DEPS = ("data/clean/corpus.parquet", "data/clean/labeled.parquet")
+
+
+@pytest.mark.parametrize(("stage", "deps", "include_labeled", "reached"), [
+    ("cooccur", WORD_DEPS, True, True),
+    ("cooccur", WORD_DEPS, False, False),
+    ("cooccur_token", ("data/tokens/train",), True, False),  # the shards hold no labeled text here
 ])
 def test_labeled_texts_reach_the_cooccurrences_only_where_counted(
-    chain: Path, counting: dict, reached: bool
+    chain: Path, stage: str, deps: tuple[str, ...], include_labeled: bool, reached: bool
 ) -> None:
     (chain / "data/clean/labeled.parquet").write_text("labeled")
-    (chain / "data/cooccur").mkdir()
-    (chain / "data/cooccur/cooccur.parquet").write_text("triples")
+    (chain / f"data/{stage}").mkdir()
+    (chain / f"data/{stage}/cooccur.parquet").write_text("triples")
     lock = yaml.safe_load((chain / "dvc.lock").read_text())
-    lock["stages"]["cooccur"] = {
-        "cmd": "python -m pipeline.cooccur",
-        "deps": [entry(chain, p) for p in ("data/clean/corpus.parquet", "data/clean/labeled.parquet",
-                                           "data/tokens/train")],
-        "params": {"params.yaml": {"cooccur": counting}}, "outs": [entry(chain, "data/cooccur")]}
+    lock["stages"][stage] = {
+        "cmd": f"python -m pipeline.cooccur --unit {'token' if 'token' in stage else 'word'}",
+        "deps": [entry(chain, p) for p in deps],
+        "params": {"params.yaml": {"cooccur": {"include_labeled_train": include_labeled}}},
+        "outs": [entry(chain, f"data/{stage}")]}
     (chain / "dvc.lock").write_text(yaml.safe_dump(lock))
-    assert ("cooccur" in lineage.impacted("data/raw/labels/x.csv", root=chain)["stages"]) == reached
-    assert "cooccur" in lineage.impacted("data/raw/wiki/dump.xml", root=chain)["stages"]
+    assert (stage in lineage.impacted("data/raw/labels/x.csv", root=chain)["stages"]) == reached
+    assert stage in lineage.impacted("data/raw/wiki/dump.xml", root=chain)["stages"]
 
 
 def test_unknown_target_is_a_clear_error(chain: Path) -> None:

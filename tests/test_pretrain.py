@@ -53,12 +53,15 @@ def finish(process: subprocess.Popen[str]) -> str:
     return output
 
 
-def test_sigkill_then_resume_gives_bit_identical_weights(tiny_project, tmp_path: Path) -> None:
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_sigkill_then_resume_gives_bit_identical_weights(tiny_project, tmp_path: Path,
+                                                        objective: str) -> None:
     # a model big enough that 24 steps take seconds, so the kill lands mid-run
     model = {**TINY_MODEL, "n_embd": 128, "context": 128}
-    params = pretrain_params(tiny_project, tmp_path / "whole", model=model, max_steps=24, batch_size=16)
+    shape = {"model": model, "max_steps": 24, "batch_size": 16, "objective": objective}
+    params = pretrain_params(tiny_project, tmp_path / "whole", **shape)
     finish(launch(params, tmp_path / "whole"))
-    broken = pretrain_params(tiny_project, tmp_path / "broken", model=model, max_steps=24, batch_size=16)
+    broken = pretrain_params(tiny_project, tmp_path / "broken", **shape)
     process = launch(broken, tmp_path / "broken")
     state = tmp_path / "broken" / "checkpoints" / STATE
     deadline = time.time() + 120
@@ -161,10 +164,11 @@ def test_glove_token_vectors_initialise_the_embedding(tiny_project, tmp_path: Pa
 
     root, params = tiny_project
     params = copy.deepcopy(params)
-    params["cooccur"].update(unit="token", min_count=5)
+    params["cooccur"].update(min_count=5)
     params["glove"].update(epochs=2, dim=16)
     cfg = parse_config(params)
-    cooccur.run(cfg, root / "clean", root / "tokenizer", root / "tokens", tmp_path / "co", tmp_path / "j")
+    cooccur.run(cfg, root / "clean", root / "tokenizer", root / "tokens", tmp_path / "co", tmp_path / "j",
+                unit="token")
     glove.run(cfg, tmp_path / "co", tmp_path / "glove", tmp_path / "m")
     ids = cooccur.read_vocabulary(tmp_path / "co" / cooccur.VOCAB_FILE).token_ids
     initial = torch.randn(512, 64) * 0.02
@@ -181,7 +185,7 @@ def test_glove_token_vectors_initialise_the_embedding(tiny_project, tmp_path: Pa
     assert narrow.shape == (512, 8) and not torch.equal(narrow[ids], torch.zeros(len(ids), 8))
     # a tiny pretrain run starts from them
     run_params = pretrain_params(tiny_project, tmp_path / "run", max_steps=2, init_embeddings=True)
-    run_params["paths"]["glove"] = str(tmp_path / "glove")
+    run_params["paths"]["glove_token"] = str(tmp_path / "glove")
     finish(launch(run_params, tmp_path / "run"))
 
 
@@ -196,3 +200,25 @@ def test_word_vectors_are_refused_as_an_embedding_init(tiny_project, tmp_path: P
     glove.run(cfg, tmp_path / "co", tmp_path / "glove", tmp_path / "m")
     with pytest.raises(InputError, match="word vectors"):
         pretrain.glove_embedding(tmp_path / "glove", torch.zeros(512, 64))
+
+
+def test_mlm_encoder_trains_scores_masked_tokens_and_refuses_to_generate(tiny_project,
+                                                                         tmp_path: Path) -> None:
+    from pipeline.cli import app
+
+    root, _ = tiny_project
+    params = parse_config(pretrain_params(tiny_project, tmp_path, max_steps=8, objective="mlm"))
+    metrics = pretrain.run(params, root / "tokens", root / "tokenizer", tmp_path / "lm",
+                           tmp_path / "checkpoints", tmp_path / "m")
+    assert metrics["objective"] == "mlm" and "val_bits_per_byte" not in metrics
+    assert 0 < metrics["val_mlm_accuracy"] < 1 and metrics["val_mlm_loss"] > 0
+    curve = (tmp_path / "m" / "plots" / "pretrain_train.csv").read_text().split()[1:]
+    assert float(curve[-1].split(",")[1]) < float(curve[0].split(",")[1])  # it learns
+    assert load_model(tmp_path / "lm")[1]["model"]["causal"] is False
+    with pytest.raises(InputError, match=r"masked-language model .* does not generate"):
+        generate(tmp_path / "lm", "The history of")
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["generate", "--checkpoint", str(tmp_path / "lm"), "--prompt", "Hi"])
+    assert result.exit_code != 0
+    assert result.output.strip().count("\n") == 0 and "does not generate" in result.output

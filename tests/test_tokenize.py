@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 from pipeline import clean, ingest, tokenize
 from pipeline.config import DEFAULT_PARAMS, Config, parse_config
 from pipeline.files import InputError, file_digest
-from pipeline.shards import TokenShards, WindowPosition, write_shard
+from pipeline.shards import TokenShards, WindowPosition, read_manifest, write_shard
 
 MULTI_SCRIPT = [
     "Plain ASCII with  double spaces, tabs\tand a trailing newline\n",
@@ -261,3 +261,12 @@ def test_domain_adaptive_pretraining_appends_labeled_train_texts(real_clean: Pat
     assert docs == expected  # the corpus, then the labeled train texts; val and test shards unchanged
     val = [t for t, s in zip(corpus["text"], corpus["split"], strict=True) if s == "val"]
     assert [tokenizer.decode(d.tolist()) for d in TokenShards(tmp_path / "tokens", "val").documents()] == val
+    # the manifest marks where the corpus ends, for a baseline of the corpus alone
+    train = TokenShards(tmp_path / "tokens", "train")
+    totals = read_manifest(tmp_path / "tokens")["totals"]
+    first = totals["train"]["corpus_tokens"]
+    prefix = train.slice(0, first)
+    corpus_train = sum(s == "train" for s in corpus["split"])
+    assert first < totals["train"]["tokens"] and prefix[-1] == train.eot_id
+    assert int((prefix == train.eot_id).sum()) == corpus_train
+    assert totals["val"]["corpus_tokens"] == totals["val"]["tokens"]

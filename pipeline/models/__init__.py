@@ -13,7 +13,7 @@ from pipeline.models.gpt import GPT, GPTConfig
 from pipeline.models.recurrent import RecurrentConfig, RecurrentLM
 
 __all__ = ["GPT", "GPTConfig", "RecurrentConfig", "RecurrentLM", "SequenceClassifier", "build_model",
-           "model_config"]
+           "model_config", "with_dropout"]
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
@@ -41,3 +41,10 @@ def model_config(model: nn.Module) -> dict[str, Any]:
         fields = asdict(model.cfg)
         return {"arch": fields.pop("cell"), **fields}
     raise TypeError(f"not a pipeline model: {type(model).__name__}")
+
+
+def with_dropout(model: nn.Module, dropout: float) -> nn.Module:
+    """The same model and weights with another dropout rate (fine-tuning may want more than pretraining)."""
+    rebuilt = build_model({**model_config(model), "dropout": dropout})
+    rebuilt.load_state_dict(model.state_dict())
+    return rebuilt

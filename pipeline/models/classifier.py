@@ -20,8 +20,8 @@ class SequenceClassifier(nn.Module):
     def features(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Pooled hidden states (B, width) of right-padded `ids`: the last real position (which has
         seen the whole text: causal models never look right, so padding changes nothing) or the mean
-        over real positions."""
-        hidden = self.backbone.hidden_states(ids)
+        over real positions (an encoder is told the lengths, so it never attends to padding)."""
+        hidden = self.backbone.hidden_states(ids, lengths)
         if self.pooling == "last":
             return hidden[torch.arange(len(ids), device=ids.device), lengths - 1]
         mask = (torch.arange(ids.size(1), device=ids.device)[None, :] < lengths[:, None]).to(hidden.dtype)

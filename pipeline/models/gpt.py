@@ -1,6 +1,7 @@
-"""A GPT decoder: token embedding, learned or rotary positions, pre-norm blocks with causal
-self-attention (`scaled_dot_product_attention`, flash kernels on CUDA), MLP, final norm and an
-output head tied to the embedding. No training logic here."""
+"""A GPT decoder, or with `causal=False` a BERT-style encoder: token embedding, learned or rotary
+positions, pre-norm blocks with self-attention (`scaled_dot_product_attention`, flash kernels on
+CUDA), MLP, final norm and an output head tied to the embedding. The decoder attends left only; the
+encoder attends both ways, to every real (non-padding) position. No training logic here."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class GPTConfig:
     bias: bool = False
     positions: Literal["learned", "rotary"] = "learned"
     rope_base: float = 10_000.0
+    causal: bool = True  # False: a bidirectional encoder (masked-language modelling)
 
 
 class LayerNorm(nn.Module):
@@ -51,7 +53,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
 
 
-class CausalSelfAttention(nn.Module):
+class SelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         assert cfg.n_embd % cfg.n_head == 0, "n_embd must be divisible by n_head"
@@ -60,21 +62,22 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.causal = cfg.causal
         self.rotary = cfg.positions == "rotary"
         if self.rotary:
             cos, sin = rotary_tables(cfg.n_embd // cfg.n_head, cfg.context, cfg.rope_base)
             self.register_buffer("cos", cos, persistent=False)
             self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """`allowed`: (B, 1, 1, T) bool, the keys each sequence may attend to (encoder padding)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if self.rotary:
             q, k = apply_rotary(q, self.cos, self.sin), apply_rotary(k, self.cos, self.sin)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, allowed, dropout, is_causal=self.causal)
         return self.resid_dropout(self.proj(y.transpose(1, 2).contiguous().view(B, T, C)))
 
 
@@ -93,12 +96,12 @@ class Block(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.ln_1 = LayerNorm(cfg.n_embd, cfg.bias)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = SelfAttention(cfg)
         self.ln_2 = LayerNorm(cfg.n_embd, cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), allowed)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -128,21 +131,27 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states (B, T, n_embd): what a classification head reads."""
+    def hidden_states(self, idx: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, n_embd): what a classification head reads. `lengths` of
+        right-padded rows keep an encoder from attending to padding (a decoder never looks right)."""
         T = idx.size(1)
         assert self.cfg.context >= T, f"sequence of {T} tokens exceeds the context {self.cfg.context}"
         x = self.wte(idx)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(T, device=idx.device))
         x = self.drop(x)
+        allowed = None
+        if lengths is not None and not self.cfg.causal:
+            allowed = (torch.arange(T, device=idx.device)[None, :] < lengths[:, None])[:, None, None, :]
         for block in self.blocks:
-            x = block(x)
+            x = block(x, allowed)
         return self.ln_f(x)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, vocab) for every position."""
-        return self.head(self.hidden_states(idx))
+    def forward(self, idx: torch.Tensor, only: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for every position, or (N, vocab) for the N positions where the bool
+        mask `only` is set (masked-language modelling scores the masked positions alone)."""
+        hidden = self.hidden_states(idx)
+        return self.head(hidden if only is None else hidden[only])
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6N for the weights plus attention's 12·L·d·T (PaLM appendix B)."""

@@ -32,7 +32,7 @@ class RecurrentLM(nn.Module):
         self.head.weight = self.wte.weight  # weight tying, as in the GPT
         nn.init.normal_(self.wte.weight, mean=0.0, std=0.02)
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         out, _ = self.rnn(self.drop(self.wte(idx)))
         return self.drop(out)
 
