@@ -177,7 +177,7 @@ class Pretrain(Section):
     model: Model = Model()
     batch_size: int = Field(16, ge=1, description="windows per micro-batch, per process")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    max_steps: int = Field(600, ge=1, description="optimizer steps")
+    max_steps: int = Field(800, ge=1, description="optimizer steps")
     learning_rate: float = Field(3e-3, gt=0)
     min_learning_rate: float = Field(3e-4, ge=0, description="end of the cosine decay")
     warmup_steps: int = Field(50, ge=0)
@@ -192,7 +192,7 @@ class Pretrain(Section):
     resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the last checkpoint")
     compile: bool = Field(False, description="torch.compile the model")
     init_embeddings: bool = Field(
-        False, description="start the token embedding from the token GloVe vectors (paths.glove_token)"
+        True, description="start the token embedding from the token GloVe vectors (paths.glove_token)"
     )
     seed: int = 1337
 
