@@ -26,6 +26,7 @@ import statistics  # noqa: E402
 import tempfile  # noqa: E402
 from typing import Any  # noqa: E402
 
+from benchmarks.pretrain import StepTimes  # noqa: E402
 from pipeline import finetune, pretrain  # noqa: E402
 from pipeline.classify import read_labels  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
@@ -33,17 +34,6 @@ from pipeline.evaluate import classifier_metrics  # noqa: E402
 from pipeline.files import write_json  # noqa: E402
 
 BACKBONES = {"gpt": ("gpt", "clm"), "encoder": ("gpt", "mlm"), "lstm": ("lstm", "clm"), "gru": ("gru", "clm")}
-
-
-class StepTimes:
-    """Collects the per-step tokens/s the stage logs (it quacks like a tracking run)."""
-
-    def __init__(self) -> None:
-        self.tokens_per_s: list[float] = []
-
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        if "tokens_per_s" in metrics:
-            self.tokens_per_s.append(metrics["tokens_per_s"])
 
 
 def config_for(name: str, steps: int, epochs: int, examples: int | None) -> Config:
