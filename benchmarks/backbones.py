@@ -64,7 +64,7 @@ def measure(name: str, seconds: float, epochs: int, examples: int | None, work: 
     cfg = config_for(name, steps, epochs, examples)
     metrics, step_times = train(cfg, work / "run")
     tokens = ROOT / cfg.paths.tokens
-    tuned = finetune.run(cfg, work / "lm", tokens, work / "classifier", work / "ft", work / "m")
+    tuned = finetune.run(cfg, work / "run" / "lm", tokens, work / "classifier", work / "ft", work / "m")
     mapping = read_labels(tokens / "labeled" / "labels.json")
     labels = [label for label, _ in sorted(mapping.items(), key=lambda item: item[1])]
     test, _ = classifier_metrics(work / "classifier", tokens, labels)
