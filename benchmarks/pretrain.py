@@ -146,7 +146,7 @@ def nanogpt_val_bits_per_byte(source: Path, checkpoint: Path, size: dict[str, in
     with torch.no_grad():
         for windows in val.sequential_windows(size["context"], size["batch"]):
             batch = torch.from_numpy(windows)
-            _, loss = model(batch[:, :-1], batch[:, 1:])
+            _, loss = model(batch[:, :-1].contiguous(), batch[:, 1:].contiguous())  # it calls .view
             total, count = total + loss.item() * batch[:, 1:].numel(), count + batch[:, 1:].numel()
     totals = read_manifest(tokens)["totals"]["val"]
     return round(total / count / np.log(2) * totals["tokens"] / totals["text_bytes"], 4)
