@@ -49,7 +49,8 @@ def tiny_lm(tiny_project, tmp_path_factory) -> tuple[Path, dict[str, Any]]:
     root, params = tiny_project
     params = copy.deepcopy(params)
     params["pretrain"] = {"model": TINY_MODEL, "batch_size": 8, "max_steps": 30, "warmup_steps": 3,
-                          "eval_every": 10, "eval_windows": 8, "checkpoint_every": 30}
+                          "eval_every": 10, "eval_windows": 8, "checkpoint_every": 30,
+                          "init_embeddings": False}
     out = tmp_path_factory.mktemp("lm")
     pretrain.run(parse_config(params), root / "tokens", root / "tokenizer", root / "lm", out / "ckpt", out)
     return root, params
@@ -172,7 +173,8 @@ def test_an_encoder_fine_tunes_and_is_scored_without_bits_per_byte(tiny_project,
     root, params = tiny_project
     params = copy.deepcopy(params)
     params["pretrain"] = {"objective": "mlm", "model": TINY_MODEL, "batch_size": 8, "max_steps": 20,
-                          "warmup_steps": 2, "eval_every": 10, "eval_windows": 8, "checkpoint_every": 20}
+                          "warmup_steps": 2, "eval_every": 10, "eval_windows": 8, "checkpoint_every": 20,
+                          "init_embeddings": False}
     params["evaluate"].update(pseudo_perplexity_windows=2)
     pretrain.run(parse_config(params), root / "tokens", root / "tokenizer", tmp_path / "lm", tmp_path / "ck",
                  tmp_path)

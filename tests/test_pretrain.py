@@ -32,7 +32,8 @@ def pretrain_params(project: tuple[Path, dict[str, Any]], out: Path, **overrides
     params = copy.deepcopy(params)
     params["paths"].update(lm=str(out / "lm"), checkpoints=str(out / "checkpoints"), metrics=str(out / "m"))
     params["pretrain"] = {"model": TINY_MODEL, "batch_size": 8, "max_steps": 12, "warmup_steps": 2,
-                          "eval_every": 4, "eval_windows": 8, "checkpoint_every": 4, **overrides}
+                          "eval_every": 4, "eval_windows": 8, "checkpoint_every": 4, "init_embeddings": False,
+                          **overrides}
     return params
 
 
