@@ -27,11 +27,11 @@ import tempfile  # noqa: E402
 from typing import Any  # noqa: E402
 
 from benchmarks.pretrain import StepTimes  # noqa: E402
-from pipeline import finetune, pretrain  # noqa: E402
 from pipeline.classify import read_labels  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.evaluate import classifier_metrics  # noqa: E402
 from pipeline.files import write_json  # noqa: E402
+from pipeline.stages import finetune, pretrain  # noqa: E402
+from pipeline.stages.evaluate import classifier_metrics  # noqa: E402
 
 BACKBONES = {"gpt": ("gpt", "clm"), "encoder": ("gpt", "mlm"), "lstm": ("lstm", "clm"), "gru": ("gru", "clm")}
 

@@ -2,12 +2,12 @@
 
 Like for like, both sides stream the same .bz2 dump in the main process and convert articles in a
 pool over all cores, and the clock covers pool start, reading, conversion and collecting the texts:
-- ours: `read_mediawiki` -> batches -> `pipeline.clean._clean_batch` in a fork pool, as
-  `pipeline.clean.run` does: `wikitext_to_text` (markup to prose), `repair` (mojibake gate, control
+- ours: `read_mediawiki` -> batches -> `pipeline.stages.clean._clean_batch` in a fork pool, as
+  `pipeline.stages.clean.run` does: `wikitext_to_text` (markup to prose), `repair` (mojibake gate, control
   characters, NFC, whitespace) and the dedup key (case-folded words); no MinHash;
 - gensim: `WikiCorpus(dump, dictionary={}, processes=cores).get_texts()`: `filter_wiki` (regexes),
   lowercase tokenisation, short-article pruning; no Dictionary.
-The whole clean stage (`pipeline.clean.run`: also filters, exact + MinHash dedup, split, Parquet)
+The whole clean stage (`pipeline.stages.clean.run`: also filters, exact + MinHash dedup, split, Parquet)
 is timed as a third, informative row. Runs alternate, never overlap; medians are reported.
 
 "Cleaner": markup left in each output. Ours keeps punctuation, so markup tokens (`{{`, `[[`, `<ref`,
@@ -43,10 +43,10 @@ import pyarrow.parquet as pq  # noqa: E402
 from gensim.corpora.wikicorpus import WikiCorpus  # noqa: E402
 from gensim.corpora.wikicorpus import tokenize as gensim_tokenize  # noqa: E402
 
-from pipeline import clean, ingest  # noqa: E402
 from pipeline.config import Dedup, parse_config  # noqa: E402
 from pipeline.files import resolve_package_path  # noqa: E402
 from pipeline.sources import read_mediawiki  # noqa: E402
+from pipeline.stages import clean, ingest  # noqa: E402
 
 DEFAULT_DUMP = "pkg://gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 MARKUP_TOKENS = {"{{": r"\{\{", "}}": r"\}\}", "[[": r"\[\[", "]]": r"\]\]", "<ref": r"<ref\b",

@@ -43,9 +43,11 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline import clean, cooccur, glove, wordbench  # noqa: E402
+from pipeline import wordbench  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.files import resolve_package_path  # noqa: E402
+from pipeline.stages import clean, cooccur, glove  # noqa: E402
+from pipeline.vectors import CORPUS_FILE, LABELED_FILE, train_texts  # noqa: E402
 
 
 def benchmark_files(cfg: Config) -> list[Path]:
@@ -72,7 +74,7 @@ def corpus_dir(cfg: Config, text: str, splits: str, labeled: bool, work: Path) -
         split_of = dict(zip(manifest["key"], manifest["split"], strict=True))
         texts = [t for title, t in gensim_pages(cfg).items() if split_of.get(f"title:{title}") in wanted]
     if labeled:
-        texts += cooccur.train_texts(ROOT / cfg.paths.clean / clean.LABELED_FILE)
+        texts += train_texts(ROOT / cfg.paths.clean / LABELED_FILE)
     work.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"text": texts, "split": ["train"] * len(texts)}), work / clean.CORPUS_FILE)
     return work
@@ -97,7 +99,7 @@ def glove_c(cfg: Config, clean_dir: Path, work: Path, binaries: Path, seed: int)
     corpus = work / "corpus.txt"
     pattern = re.compile(cfg.cooccur.word_pattern)
     with open(corpus, "w", encoding="utf-8") as out:
-        for text in cooccur.train_texts(clean_dir / cooccur.CORPUS_FILE):
+        for text in train_texts(clean_dir / CORPUS_FILE):
             out.write(" ".join(pattern.findall(text.lower())) + "\n")
 
     def timed(command: list[str], stdin: Path, stdout: Path) -> float:
@@ -136,7 +138,7 @@ def word2vec(cfg: Config, clean_dir: Path) -> dict[str, Any]:
     from gensim.models import Word2Vec
 
     pattern = re.compile(cfg.cooccur.word_pattern)
-    sentences = [pattern.findall(t.lower()) for t in cooccur.train_texts(clean_dir / cooccur.CORPUS_FILE)]
+    sentences = [pattern.findall(t.lower()) for t in train_texts(clean_dir / CORPUS_FILE)]
     started = time.perf_counter()
     model = Word2Vec(sentences, vector_size=cfg.glove.dim, window=cfg.cooccur.window, sg=1,
                      min_count=cfg.cooccur.min_count, workers=os.cpu_count(), epochs=cfg.glove.epochs, seed=1)
@@ -167,7 +169,7 @@ def main() -> None:
     labeled = load_config().cooccur.include_labeled_train and not args.no_labeled
     corpus_tmp = tempfile.TemporaryDirectory()
     clean_dir = corpus_dir(cfg, args.text, args.splits, labeled, Path(corpus_tmp.name))
-    documents = cooccur.word_documents([clean_dir / cooccur.CORPUS_FILE], cfg.cooccur.word_pattern)
+    documents = cooccur.word_documents([clean_dir / CORPUS_FILE], cfg.cooccur.word_pattern)
     words = sum(map(len, documents))
     torch.set_num_threads(os.cpu_count() or 1)
     rows: dict[str, list[dict[str, Any]]] = {"ours": [], "peer": []}

@@ -37,10 +37,10 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from pipeline import pretrain  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.models import GPT, GPTConfig  # noqa: E402
 from pipeline.shards import TokenShards, read_manifest  # noqa: E402
+from pipeline.stages import pretrain  # noqa: E402
 
 ITER_LINE = re.compile(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms")
 

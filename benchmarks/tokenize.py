@@ -1,6 +1,6 @@
 """Tokenize-stage throughput against its raw limit, and its memory at 1x versus 4x the corpus.
 
-- Stage: `pipeline.tokenize.run` reusing a trained tokenizer (no training), from clean Parquet to
+- Stage: `pipeline.stages.tokenize.run` reusing a trained tokenizer (no training), from clean Parquet to
   shards on disk, in a child process whose peak RSS is read back.
 - Limit: `Tokenizer.encode_batch` on the same texts in the same batches, in memory, no I/O.
 The corpus is the default clean corpus repeated `k` times (each copy a new set of documents).
@@ -30,13 +30,13 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
-from pipeline import tokenize  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
+from pipeline.stages import tokenize  # noqa: E402
 
 CHILD = """
 import json, resource, sys, time
 from pathlib import Path
-from pipeline import tokenize
+from pipeline.stages import tokenize
 from pipeline.config import load_config
 root, tokenizer_file = Path(sys.argv[1]), sys.argv[2]
 cfg = load_config(overrides={"tracking.enabled": False, "tokenize.tokenizer_file": tokenizer_file})

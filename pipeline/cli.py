@@ -10,15 +10,16 @@ from typing import Annotated, Any
 
 import typer
 
-from pipeline.config import DEFAULT_PARAMS, PROJECT_ROOT, ConfigError, load_config
+from pipeline.config import ConfigError, load_config, project_root
 
 app = typer.Typer(help="Reproducible LLM training pipeline: clean -> tokenize -> ... -> evaluate.",
                   no_args_is_help=True, add_completion=False)
-ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="params file to read")]
+ParamsOption = Annotated[Path | None, typer.Option(
+    "--params", "-p", help="params file [default: params.yaml of the project around the current directory]")]
 
 
 @app.command()
-def params(params: ParamsOption = DEFAULT_PARAMS) -> None:
+def params(params: ParamsOption = None) -> None:
     """Validate a params file and print the resolved configuration (defaults filled in)."""
     import yaml
 
@@ -45,12 +46,13 @@ STAGES = {
 
 
 def add_stage_command(name: str, summary: str) -> None:
-    def command(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    def command(params: ParamsOption = None) -> None:
         import importlib
 
-        module, _, unit = name.partition("_")  # cooccur_token -> pipeline.cooccur --unit token
-        stage = importlib.import_module(f"pipeline.{module}")
-        raise typer.Exit(stage.main(["--params", str(params), *(["--unit", unit] if unit else [])]))
+        module, _, unit = name.partition("_")  # cooccur_token -> pipeline.stages.cooccur --unit token
+        stage = importlib.import_module(f"pipeline.stages.{module}")
+        argv = (["--params", str(params)] if params else []) + (["--unit", unit] if unit else [])
+        raise typer.Exit(stage.main(argv))
 
     command.__doc__ = f"{summary} (what `dvc repro {name}` runs)."
     app.command(name=name)(command)
@@ -188,8 +190,8 @@ def run(
     with tracking.pipeline_run(load_config().tracking, "pipeline", {"trigger": "pipeline run"}) as parent:
         # stages run `python -m pipeline.<stage>`: make it this environment's python
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        code = subprocess.call(command, cwd=PROJECT_ROOT, env={**os.environ, "PATH": path})
-        lock_md5 = tracking.path_md5(PROJECT_ROOT / "dvc.lock")
+        code = subprocess.call(command, cwd=project_root(), env={**os.environ, "PATH": path})
+        lock_md5 = tracking.path_md5(project_root() / "dvc.lock")
         parent.set_tags({"exit_code": str(code), "dvc.lock.md5": lock_md5})
     raise typer.Exit(code)
 

@@ -14,8 +14,21 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_PARAMS = PROJECT_ROOT / "params.yaml"
+PROJECT_MARKERS = ("dvc.yaml", ".dvc")
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The project a command acts on: the nearest directory at or above `start` (default: the current
+    directory) holding `dvc.yaml` or `.dvc/`, as DVC finds its root; `start` itself when none does."""
+    start = (start or Path.cwd()).resolve()
+    for directory in (start, *start.parents):
+        if any((directory / marker).exists() for marker in PROJECT_MARKERS):
+            return directory
+    return start
+
+
+def default_params() -> Path:
+    return project_root() / "params.yaml"
 
 
 class ConfigError(ValueError):
@@ -390,9 +403,9 @@ def parse_config(raw: Any, source: str = "params") -> Config:
         raise ConfigError(_describe(exc.errors()[0], source)) from None
 
 
-def load_config(path: Path | str = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Config:
+def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Read and validate a params file; `overrides` maps dotted keys to values (`a.b: 3`)."""
-    path = Path(path)
+    path = Path(path) if path is not None else default_params()
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

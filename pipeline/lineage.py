@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import PROJECT_ROOT
+from pipeline.config import project_root
 from pipeline.files import InputError
 from pipeline.tracking import path_md5
 
@@ -50,8 +50,9 @@ def _artifacts(entries: list[dict[str, Any]] | None) -> list[Artifact]:
     return [Artifact(e["path"], e.get("md5", ""), e.get("size")) for e in entries or []]
 
 
-def read_lock(root: Path = PROJECT_ROOT, rev: str | None = None) -> dict[str, StageRecord]:
+def read_lock(root: Path | None = None, rev: str | None = None) -> dict[str, StageRecord]:
     """The stages dvc.lock records, from the workspace or from git revision `rev`."""
+    root = root or project_root()
     if rev is None:
         lock_path = root / LOCK_FILE
         if not lock_path.exists():
@@ -222,10 +223,11 @@ def resolve_target(target: str, stages: dict[str, StageRecord], root: Path, trac
     return output_with_md5(stages, md5s, target)
 
 
-def trace(target: str, root: Path = PROJECT_ROOT, rev: str | None = None,
+def trace(target: str, root: Path | None = None, rev: str | None = None,
           tracking_uri: str | None = None) -> dict[str, Any]:
     """The chain from `target` (an output path, an MLflow run id or a models:/ URI) back to the raw
     sources."""
+    root = root or project_root()
     stages = read_lock(root, rev)
     path = resolve_target(target, stages, root, tracking_uri)
     chain = upstream(stages, path)
@@ -246,8 +248,9 @@ def trace(target: str, root: Path = PROJECT_ROOT, rev: str | None = None,
     }
 
 
-def verify(target: str, root: Path = PROJECT_ROOT) -> list[dict[str, Any]]:
+def verify(target: str, root: Path | None = None) -> list[dict[str, Any]]:
     """Every artifact along `target`'s chain whose bytes on disk differ from dvc.lock."""
+    root = root or project_root()
     stages = read_lock(root)
     problems: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -279,11 +282,12 @@ def _changed_files(on_disk: Path, artifact: Artifact, root: Path) -> list[str]:
     return sorted(changed + [f"{artifact.path}/{rel}" for rel in present if rel not in recorded])
 
 
-def impacted(path: str, root: Path = PROJECT_ROOT, rev: str | None = None,
+def impacted(path: str, root: Path | None = None, rev: str | None = None,
              tracking_uri: str | None = None) -> dict[str, Any]:
     """Every stage and output built from `path` (a raw file, a code file, any output), and with
     `tracking_uri` the MLflow run of each of those stages and the registered model versions whose
     md5 is one of those outputs'."""
+    root = root or project_root()
     stages = read_lock(root, rev)
     target = relative(path, root)
     users = downstream(stages, target)

@@ -1,4 +1,4 @@
-"""The thin command line every stage shares: `python -m pipeline.<stage> [--params FILE]`."""
+"""The thin command line every stage shares: `python -m pipeline.stages.<stage> [--params FILE]`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.config import DEFAULT_PARAMS, ConfigError, load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.files import InputError
 
 
@@ -23,8 +23,9 @@ def stage_main(
     `execute(config, **choices)` and print its summary line; a bad input or config (or one of
     `errors`) prints one `error: ...` line and exits 2."""
     description = (doc or stage).strip().split("\n")[0]
-    parser = argparse.ArgumentParser(prog=f"python -m pipeline.{stage}", description=description)
-    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file")
+    parser = argparse.ArgumentParser(prog=f"python -m pipeline.stages.{stage}", description=description)
+    parser.add_argument("--params", type=Path, default=None,
+                        help="params file (default: params.yaml of the project around the current directory)")
     for name, values in (choices or {}).items():
         parser.add_argument(f"--{name}", choices=values, default=values[0], help=f"default {values[0]}")
     args = parser.parse_args(argv)

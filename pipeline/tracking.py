@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import PROJECT_ROOT, Tracking
+from pipeline.config import Tracking, project_root
 from pipeline.files import file_digest
 
 if TYPE_CHECKING:
@@ -28,9 +28,10 @@ PARENT_RUN_ENV = "PIPELINE_PARENT_RUN_ID"
 METRIC_BATCH = 1000  # MLflow's log_batch limit
 
 
-def store_root(root: Path = PROJECT_ROOT) -> Path:
+def store_root(root: Path | None = None) -> Path:
     """The project whose mlflow.db holds the runs. `dvc exp run --queue` (and `--temp`) execute in a
     copy under <project>/.dvc/tmp/exps/; their runs belong to the project's store, not the copy's."""
+    root = root or project_root()
     parts = root.parts
     for i in range(len(parts) - 2):
         if parts[i : i + 3] == (".dvc", "tmp", "exps"):
@@ -42,8 +43,9 @@ def tracking_uri(cfg: Tracking) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri or f"sqlite:///{store_root() / 'mlflow.db'}"
 
 
-def git_state(root: Path = PROJECT_ROOT) -> dict[str, str]:
+def git_state(root: Path | None = None) -> dict[str, str]:
     """The commit the code came from and whether the work tree differed from it."""
+    root = root or project_root()
     def git(*args: str) -> str:
         out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
         return out.stdout.strip() if out.returncode == 0 else ""

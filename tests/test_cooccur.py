@@ -12,10 +12,11 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import cooccur
 from pipeline.config import ConfigError, parse_config
 from pipeline.files import InputError
 from pipeline.shards import TokenShards, read_manifest
+from pipeline.stages import cooccur
+from pipeline.vectors import COOCCUR_FILE, CORPUS_FILE, LABELED_FILE, VOCAB_FILE, train_texts
 
 
 def brute_force(documents: list[list[Any]], min_count: int, window: int) -> tuple[list[Any], dict]:
@@ -34,8 +35,8 @@ def brute_force(documents: list[list[Any]], min_count: int, window: int) -> tupl
 
 
 def stage_matrix(out_dir: Path) -> tuple[list[str], dict]:
-    table = pq.read_table(out_dir / cooccur.COOCCUR_FILE).to_pydict()
-    vocab = pq.read_table(out_dir / cooccur.VOCAB_FILE).column("unit").to_pylist()
+    table = pq.read_table(out_dir / COOCCUR_FILE).to_pydict()
+    vocab = pq.read_table(out_dir / VOCAB_FILE).column("unit").to_pylist()
     return vocab, {(r, c): v for r, c, v in zip(table["row"], table["col"], table["value"], strict=True)}
 
 
@@ -55,8 +56,8 @@ def test_word_counts_equal_a_brute_force_count_exactly(small_project, tmp_path, 
     metrics = run_cooccur(root, params, tmp_path / "co", window=window, memory_mb=0.01,
                           include_labeled_train=labeled)
     assert metrics["chunks"] > 1
-    tables = [root / "clean" / cooccur.CORPUS_FILE] + labeled * [root / "clean" / cooccur.LABELED_FILE]
-    texts = list(cooccur.train_texts(*tables))  # each labeled train text its own document
+    tables = [root / "clean" / CORPUS_FILE] + labeled * [root / "clean" / LABELED_FILE]
+    texts = list(train_texts(*tables))  # each labeled train text its own document
     pattern = re.compile(params["cooccur"]["word_pattern"])
     vocab, expected = brute_force([pattern.findall(t.lower()) for t in texts], 5, window)
     got_vocab, got = stage_matrix(tmp_path / "co")
@@ -75,7 +76,7 @@ def test_token_counts_equal_a_brute_force_count_exactly(small_project, tmp_path)
     specials = {manifest["eot_id"], manifest["pad_id"]}
     documents = [[int(t) for t in doc if int(t) not in specials] for doc in shards.documents()]
     ids, expected = brute_force(documents, 3, 4)
-    token_ids = pq.read_table(tmp_path / "co" / cooccur.VOCAB_FILE).column("token_id").to_pylist()
+    token_ids = pq.read_table(tmp_path / "co" / VOCAB_FILE).column("token_id").to_pylist()
     _, got = stage_matrix(tmp_path / "co")
     assert sorted(token_ids) == sorted(ids)  # the same units (equal counts may rank differently)
     rank = {token: i for i, token in enumerate(ids)}
@@ -89,7 +90,7 @@ def test_memory_budget_does_not_change_the_output(tiny_project, tmp_path):
     small = run_cooccur(root, params, tmp_path / "small", memory_mb=0.5)
     large = run_cooccur(root, params, tmp_path / "large", memory_mb=1024)
     assert small["chunks"] > 1 and large["chunks"] == 1
-    for name in (cooccur.COOCCUR_FILE, cooccur.VOCAB_FILE):
+    for name in (COOCCUR_FILE, VOCAB_FILE):
         assert pq.read_table(tmp_path / "small" / name).equals(pq.read_table(tmp_path / "large" / name))
 
 
@@ -109,11 +110,11 @@ def test_empty_vocabulary_is_refused(tiny_project, tmp_path):
 
 def test_empty_train_split_is_refused(tiny_project, tmp_path):
     root, params = tiny_project
-    table = pq.read_table(root / "clean" / cooccur.CORPUS_FILE)
+    table = pq.read_table(root / "clean" / CORPUS_FILE)
     (tmp_path / "clean").mkdir()
-    pq.write_table(table.filter(pq.read_table(root / "clean" / cooccur.CORPUS_FILE)
+    pq.write_table(table.filter(pq.read_table(root / "clean" / CORPUS_FILE)
                                 .column("split").to_numpy(zero_copy_only=False) != "train"),
-                   tmp_path / "clean" / cooccur.CORPUS_FILE)
+                   tmp_path / "clean" / CORPUS_FILE)
     params = copy.deepcopy(params)
     params["cooccur"]["include_labeled_train"] = False
     with pytest.raises(InputError, match="train has no words"):

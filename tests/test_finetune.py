@@ -18,12 +18,13 @@ from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 from typer.testing import CliRunner
 
-from pipeline import evaluate, finetune, ngram, pretrain, tokenize
+from pipeline import ngram
 from pipeline.classify import Classifier, read_examples
 from pipeline.cli import app
 from pipeline.config import parse_config
 from pipeline.files import InputError
 from pipeline.shards import TokenShards
+from pipeline.stages import evaluate, finetune, pretrain, tokenize
 
 TINY_MODEL = {"arch": "gpt", "context": 64, "n_layer": 2, "n_head": 2, "n_embd": 64}
 

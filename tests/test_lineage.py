@@ -25,15 +25,15 @@ def chain(tmp_path: Path) -> Path:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     stages = {
-        "ingest": {"cmd": "python -m pipeline.ingest", "deps": [entry(tmp_path, "ingest.py")],
+        "ingest": {"cmd": "python -m pipeline.stages.ingest", "deps": [entry(tmp_path, "ingest.py")],
                    "params": {"params.yaml": {"data.sources": ["wiki", "labels"]}},
                    "outs": [entry(tmp_path, "data/raw")]},
-        "clean": {"cmd": "python -m pipeline.clean",
+        "clean": {"cmd": "python -m pipeline.stages.clean",
                   "deps": [entry(tmp_path, "data/raw"), entry(tmp_path, "clean.py")],
                   "params": {"params.yaml": {"data": {"sources": [{"name": "wiki"},
                                                                   {"name": "labels", "label_field": "y"}]}}},
                   "outs": [entry(tmp_path, "data/clean")]},
-        "tokenize": {"cmd": "python -m pipeline.tokenize",
+        "tokenize": {"cmd": "python -m pipeline.stages.tokenize",
                      "deps": [entry(tmp_path, "data/clean"), entry(tmp_path, "tokenize.py")],
                      "params": {"params.yaml": {"tokenize": {"vocab_size": 512}}},
                      "outs": [entry(tmp_path, "data/tokens")]},
@@ -93,7 +93,7 @@ def test_labeled_texts_reach_the_cooccurrences_only_where_counted(
     (chain / f"data/{stage}/cooccur.parquet").write_text("triples")
     lock = yaml.safe_load((chain / "dvc.lock").read_text())
     lock["stages"][stage] = {
-        "cmd": f"python -m pipeline.cooccur --unit {'token' if 'token' in stage else 'word'}",
+        "cmd": f"python -m pipeline.stages.cooccur --unit {'token' if 'token' in stage else 'word'}",
         "deps": [entry(chain, p) for p in deps],
         "params": {"params.yaml": {"cooccur": {"include_labeled_train": include_labeled}}},
         "outs": [entry(chain, f"data/{stage}")]}

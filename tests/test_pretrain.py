@@ -18,11 +18,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline import pretrain
 from pipeline.checkpoint import STATE, WEIGHTS, load_model, load_state
-from pipeline.config import PROJECT_ROOT, parse_config
+from pipeline.config import parse_config, project_root
 from pipeline.files import InputError, file_digest
 from pipeline.generate import generate
+from pipeline.stages import pretrain
+from pipeline.vectors import VECTORS_FILE, VOCAB_FILE, read_vocabulary
+
+REPO = project_root(Path(__file__).parent)  # the checkout these tests belong to
 
 TINY_MODEL = {"arch": "gpt", "context": 64, "n_layer": 2, "n_head": 2, "n_embd": 64}
 
@@ -43,8 +46,8 @@ def launch(params: dict[str, Any], out: Path, ranks: int = 1) -> subprocess.Pope
     prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] \
         if ranks > 1 else [sys.executable]
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if ranks > 1 else dict(os.environ)
-    command = [*prefix, "-m", "pipeline.pretrain", "--params", str(out / "params.yaml")]
-    return subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
+    command = [*prefix, "-m", "pipeline.stages.pretrain", "--params", str(out / "params.yaml")]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -161,7 +164,7 @@ def test_rerun_of_a_finished_run_restores_the_model_without_training(tiny_projec
 
 
 def test_glove_token_vectors_initialise_the_embedding(tiny_project, tmp_path: Path) -> None:
-    from pipeline import cooccur, glove
+    from pipeline.stages import cooccur, glove
 
     root, params = tiny_project
     params = copy.deepcopy(params)
@@ -171,10 +174,10 @@ def test_glove_token_vectors_initialise_the_embedding(tiny_project, tmp_path: Pa
     cooccur.run(cfg, root / "clean", root / "tokenizer", root / "tokens", tmp_path / "co", tmp_path / "j",
                 unit="token")
     glove.run(cfg, tmp_path / "co", tmp_path / "glove", tmp_path / "m")
-    ids = cooccur.read_vocabulary(tmp_path / "co" / cooccur.VOCAB_FILE).token_ids
+    ids = read_vocabulary(tmp_path / "co" / VOCAB_FILE).token_ids
     initial = torch.randn(512, 64) * 0.02
     table = pretrain.glove_embedding(tmp_path / "glove", initial)
-    vectors = load_file(tmp_path / "glove" / glove.VECTORS_FILE)["vectors"].double()
+    vectors = load_file(tmp_path / "glove" / VECTORS_FILE)["vectors"].double()
     vectors -= vectors.mean(0)
     # the first 16 columns of GloVe-covered rows: the centred vectors, one common scale; the rest untouched
     scale = table[ids[0], 0].item() / vectors[0, 0].item()
@@ -191,7 +194,7 @@ def test_glove_token_vectors_initialise_the_embedding(tiny_project, tmp_path: Pa
 
 
 def test_word_vectors_are_refused_as_an_embedding_init(tiny_project, tmp_path: Path) -> None:
-    from pipeline import cooccur, glove
+    from pipeline.stages import cooccur, glove
 
     root, params = tiny_project
     params = copy.deepcopy(params)

@@ -14,10 +14,12 @@ import pytest
 import yaml
 from tokenizers import Tokenizer
 
-from pipeline import clean, ingest, tokenize
-from pipeline.config import DEFAULT_PARAMS, Config, parse_config
+from pipeline.config import Config, parse_config, project_root
 from pipeline.files import InputError, file_digest
 from pipeline.shards import TokenShards, WindowPosition, read_manifest, write_shard
+from pipeline.stages import clean, ingest, tokenize
+
+REPO = project_root(Path(__file__).parent)  # the checkout these tests belong to
 
 MULTI_SCRIPT = [
     "Plain ASCII with  double spaces, tabs\tand a trailing newline\n",
@@ -29,7 +31,7 @@ MULTI_SCRIPT = [
 
 
 def tiny_params(root: Path, vocab_size: int = 400) -> dict[str, Any]:
-    params = yaml.safe_load(DEFAULT_PARAMS.read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["paths"] = {"raw": str(root / "raw"), "clean": str(root / "clean"), "metrics": str(root),
                        "tokenizer": str(root / "tokenizer"), "tokens": str(root / "tokens")}
     params["tracking"] = {"enabled": False}
@@ -57,7 +59,7 @@ def small_clean_dir(root: Path, source: Path) -> Path:
 @pytest.fixture(scope="module")
 def real_clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("real")
-    params = yaml.safe_load(DEFAULT_PARAMS.read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["paths"] = {"raw": str(root / "raw"), "clean": str(root / "clean"), "metrics": str(root)}
     params["tracking"] = {"enabled": False}
     cfg = parse_config(params)

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from datasketch import MinHash, MinHashLSH
 from tqdm import tqdm
 
-from pipeline.config import PROJECT_ROOT, Config, Dedup, Filters, Source, Split
+from pipeline.config import Config, Dedup, Filters, Source, Split, project_root
 from pipeline.files import InputError, atomic_dir, atomic_path, resolve_paths, write_json
 from pipeline.sources import RawDoc, read_source
 from pipeline.stagecli import stage_main
@@ -356,10 +356,10 @@ def execute(cfg: Config) -> str:
     """The stage as DVC runs it: paths from params, one MLflow run, a summary line."""
     from pipeline import tracking
 
-    raw_dir = PROJECT_ROOT / cfg.paths.raw
-    out_dir = PROJECT_ROOT / cfg.paths.clean
-    metrics_path = PROJECT_ROOT / cfg.paths.metrics / "clean.json"
-    splits_path = PROJECT_ROOT / cfg.paths.splits / SPLITS_FILE
+    raw_dir = project_root() / cfg.paths.raw
+    out_dir = project_root() / cfg.paths.clean
+    metrics_path = project_root() / cfg.paths.metrics / "clean.json"
+    splits_path = project_root() / cfg.paths.splits / SPLITS_FILE
     with tracking.stage_run("clean", cfg.tracking, cfg.data.model_dump(), {"raw": raw_dir},
                             {"clean": out_dir}) as run_log:
         metrics = run(cfg, raw_dir, out_dir, metrics_path, splits_path)

@@ -39,7 +39,7 @@ from pipeline.classify import (
     read_examples,
     read_labels,
 )
-from pipeline.config import PROJECT_ROOT, Config, Finetune
+from pipeline.config import Config, Finetune, project_root
 from pipeline.files import InputError, atomic_dir, file_digest, write_csv, write_json
 from pipeline.models import SequenceClassifier, with_dropout
 from pipeline.shards import read_manifest
@@ -190,7 +190,7 @@ def run(cfg: Config, lm_dir: Path, tokens_dir: Path, out_dir: Path, checkpoints:
 def execute(cfg: Config) -> str:
     from pipeline import tracking
 
-    paths = {name: PROJECT_ROOT / getattr(cfg.paths, name)
+    paths = {name: project_root() / getattr(cfg.paths, name)
              for name in ("lm", "tokens", "classifier", "finetune_checkpoints", "metrics")}
     inputs = {"lm": paths["lm"], "labeled": paths["tokens"] / "labeled"}
     with tracking.stage_run("finetune", cfg.tracking, cfg.finetune.model_dump(), inputs,

@@ -28,7 +28,6 @@ import contextlib
 import functools
 import math
 import os
-import re
 import sys
 import tempfile
 import time
@@ -44,15 +43,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline.config import PROJECT_ROOT, Config, Cooccur
+from pipeline.config import Config, Cooccur, project_root
 from pipeline.files import InputError, atomic_dir, write_json
 from pipeline.shards import TokenShards, read_manifest
 from pipeline.stagecli import stage_main
+from pipeline.vectors import (
+    COOCCUR_FILE,
+    VOCAB_FILE,
+    Vocabulary,
+    word_documents,
+    word_tables,
+    write_vocabulary,
+)
 
-COOCCUR_FILE = "cooccur.parquet"
-VOCAB_FILE = "vocab.parquet"
-CORPUS_FILE = "corpus.parquet"
-LABELED_FILE = "labeled.parquet"
 BYTES_PER_PAIR = 8 * 3  # an int64 code, its sorted copy, and the keys and weights unpacked from it
 DISTANCE_BITS = 5  # window <= 24 < 2**5
 IDS_PER_READ = 1 << 22  # word ids per read when counting (16 MiB)
@@ -61,42 +64,7 @@ Unit = Literal["word", "token"]
 UNITS: tuple[Unit, ...] = ("word", "token")
 
 
-@dataclass(frozen=True)
-class Vocabulary:
-    units: list[str]
-    counts: np.ndarray  # int64, one per unit, descending
-    token_ids: np.ndarray | None = None  # int64, unit: token only
-    provisional: np.ndarray | None = None  # int64, unit: word only, while counting (WordIds ids)
-
-    def __len__(self) -> int:
-        return len(self.units)
-
-
 # ---------------------------------------------------------------- units and vocabulary
-
-
-def train_texts(*tables: Path) -> Iterator[str]:
-    """The train texts of each clean table (Parquet with `text` and `split`), in order."""
-    for table in tables:
-        for batch in pq.ParquetFile(table).iter_batches(columns=["text", "split"], batch_size=256):
-            for text, split in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
-                if split == "train":
-                    yield text
-
-
-def word_tables(clean_dir: Path, cfg: Cooccur) -> list[Path]:
-    """The clean tables whose train texts the word unit counts: the corpus, then the labeled set."""
-    tables = [clean_dir / CORPUS_FILE] + ([clean_dir / LABELED_FILE] if cfg.include_labeled_train else [])
-    for table in tables:
-        if not table.exists():
-            raise InputError(f"{table}: clean output not found (run the clean stage)")
-    return tables
-
-
-def word_documents(tables: list[Path], pattern: str) -> Iterator[list[str]]:
-    word = re.compile(pattern)
-    for text in train_texts(*tables):
-        yield word.findall(text.lower())
 
 
 @dataclass(frozen=True)
@@ -368,21 +336,6 @@ def count_cooccurrences(
 # ---------------------------------------------------------------- the stage
 
 
-def write_vocabulary(vocab: Vocabulary, path: Path) -> None:
-    columns: dict[str, Any] = {"unit": pa.array(vocab.units, pa.string()), "count": pa.array(vocab.counts)}
-    if vocab.token_ids is not None:
-        columns["token_id"] = pa.array(vocab.token_ids)
-    pq.write_table(pa.table(columns), path)
-
-
-def read_vocabulary(path: Path) -> Vocabulary:
-    if not path.exists():
-        raise InputError(f"{path}: vocabulary not found (run the cooccur stage)")
-    table = pq.read_table(path).to_pydict()
-    token_ids = np.array(table["token_id"], dtype=np.int64) if "token_id" in table else None
-    return Vocabulary(table["unit"], np.array(table["count"], dtype=np.int64), token_ids)
-
-
 def token_names(tokenizer_dir: Path, vocab_size: int) -> list[str]:
     """Token strings by id, from the tokenizer the shards were encoded with."""
     from tokenizers import Tokenizer
@@ -405,7 +358,7 @@ def run(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stack = contextlib.ExitStack()
     if unit == "word":
-        tables = word_tables(clean_dir, co)
+        tables = word_tables(clean_dir, co.include_labeled_train)
         word_ids = read_word_ids(tables, co.word_pattern, Path(stack.enter_context(
             tempfile.TemporaryDirectory(dir=out_dir.parent))) / "word_ids.int32")
         vocab = word_vocabulary(word_ids, co, tables)
@@ -438,12 +391,12 @@ def execute(cfg: Config, unit: Unit = "word") -> str:
     """The stage as DVC runs it: `cooccur` on words, `cooccur_token` (`--unit token`) on BPE ids."""
     from pipeline import tracking
 
-    clean_dir, tokens_dir = PROJECT_ROOT / cfg.paths.clean, PROJECT_ROOT / cfg.paths.tokens
-    tokenizer_dir = PROJECT_ROOT / cfg.paths.tokenizer
+    clean_dir, tokens_dir = project_root() / cfg.paths.clean, project_root() / cfg.paths.tokens
+    tokenizer_dir = project_root() / cfg.paths.tokenizer
     word = unit == "word"
     stage = "cooccur" if word else "cooccur_token"
-    out_dir = PROJECT_ROOT / (cfg.paths.cooccur if word else cfg.paths.cooccur_token)
-    metrics_path = PROJECT_ROOT / cfg.paths.metrics / f"{stage}.json"
+    out_dir = project_root() / (cfg.paths.cooccur if word else cfg.paths.cooccur_token)
+    metrics_path = project_root() / cfg.paths.metrics / f"{stage}.json"
     inputs = {"clean": clean_dir} if word else {"tokens": tokens_dir, "tokenizer": tokenizer_dir}
     with tracking.stage_run(stage, cfg.tracking, cfg.cooccur.model_dump(), inputs,
                             {"cooccur": out_dir}) as run_log:

@@ -33,13 +33,17 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from pipeline import wordbench
-from pipeline.config import PROJECT_ROOT, Config, Glove
-from pipeline.cooccur import COOCCUR_FILE, VOCAB_FILE, read_vocabulary
-from pipeline.files import InputError, atomic_dir, atomic_path, resolve_package_path, write_csv, write_json
+from pipeline.config import Config, Glove, project_root
+from pipeline.files import InputError, atomic_dir, resolve_package_path, write_csv, write_json
 from pipeline.stagecli import stage_main
-
-VECTORS_FILE = "vectors.safetensors"
-TEXT_FILE = "vectors.txt"
+from pipeline.vectors import (
+    COOCCUR_FILE,
+    TEXT_FILE,
+    VECTORS_FILE,
+    VOCAB_FILE,
+    read_vocabulary,
+    write_text_vectors,
+)
 
 
 @dataclass
@@ -162,19 +166,14 @@ def train(
     return params, history
 
 
-def write_text_vectors(path: Path, units: list[str], vectors: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
-        for unit, row in zip(units, vectors, strict=True):
-            out.write(unit + " " + " ".join(f"{v:.6f}" for v in row) + "\n")
-
-
 def run(cfg: Config, cooccur_dir: Path, out_dir: Path, metrics_dir: Path,
         stage: str = "glove") -> dict[str, Any]:
     """Train the vectors, save them, evaluate word vectors; returns the metrics written (to
     `metrics/<stage>.json`, the loss curve to `metrics/plots/<stage>_loss.csv`)."""
     gcfg = cfg.glove
     vocab = read_vocabulary(cooccur_dir / VOCAB_FILE)
-    benchmark_files = {name: resolve_package_path(spec) if spec.startswith("pkg://") else PROJECT_ROOT / spec
+    root = project_root()
+    benchmark_files = {name: resolve_package_path(spec) if spec.startswith("pkg://") else root / spec
                        for name, spec in gcfg.benchmarks.model_dump().items()}
     if vocab.token_ids is None:
         for path in benchmark_files.values():
@@ -216,9 +215,9 @@ def execute(cfg: Config, unit: str = "word") -> str:
 
     word = unit == "word"
     stage = "glove" if word else "glove_token"
-    cooccur_dir = PROJECT_ROOT / (cfg.paths.cooccur if word else cfg.paths.cooccur_token)
-    out_dir = PROJECT_ROOT / (cfg.paths.glove if word else cfg.paths.glove_token)
-    metrics_dir = PROJECT_ROOT / cfg.paths.metrics
+    cooccur_dir = project_root() / (cfg.paths.cooccur if word else cfg.paths.cooccur_token)
+    out_dir = project_root() / (cfg.paths.glove if word else cfg.paths.glove_token)
+    metrics_dir = project_root() / cfg.paths.metrics
     with tracking.stage_run(stage, cfg.tracking, cfg.glove.model_dump(), {"cooccur": cooccur_dir},
                             {"glove": out_dir}) as run_log:
         metrics = run(cfg, cooccur_dir, out_dir, metrics_dir, stage)

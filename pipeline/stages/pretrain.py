@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.checkpoint import load_model, restore, save_model, write_checkpoint
-from pipeline.config import PROJECT_ROOT, Config, Pretrain
+from pipeline.config import Config, Pretrain, project_root
 from pipeline.files import InputError, atomic_dir, file_digest, write_csv, write_json
 from pipeline.models import build_model
 from pipeline.ngram import unigram_bits_per_token
@@ -204,7 +204,7 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
     model = build_model(model_config(p, manifest["vocab_size"])).to(device)
     data_digest = manifest["tokenizer_sha256"]
     if p.init_embeddings:
-        glove_dir = glove_dir or PROJECT_ROOT / cfg.paths.glove_token
+        glove_dir = glove_dir or project_root() / cfg.paths.glove_token
         with torch.no_grad():
             model.wte.weight.copy_(glove_embedding(glove_dir, model.wte.weight.detach().cpu()))
         data_digest += file_digest(glove_dir / "vectors.safetensors")  # other vectors: no resume
@@ -305,7 +305,7 @@ def execute(cfg: Config) -> str:
     """The stage as DVC (or torchrun) runs it: paths from params, one MLflow run on rank 0."""
     from pipeline import tracking
 
-    paths = {name: PROJECT_ROOT / getattr(cfg.paths, name)
+    paths = {name: project_root() / getattr(cfg.paths, name)
              for name in ("tokens", "tokenizer", "glove_token", "lm", "checkpoints", "metrics")}
     leader = int(os.environ.get("RANK", 0)) == 0
     inputs = {"tokens": paths["tokens"]}

@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PROJECT_ROOT, Config, Source
+from pipeline.config import Config, Source, project_root
 from pipeline.files import InputError, atomic_dir, file_digest, resolve_paths, write_json
 from pipeline.stagecli import stage_main
 
@@ -58,8 +58,9 @@ def ingest_source(source: Source, folder: Path, base: Path) -> list[dict[str, An
     ]
 
 
-def run(cfg: Config, raw_dir: Path, base: Path = PROJECT_ROOT) -> dict[str, Any]:
+def run(cfg: Config, raw_dir: Path, base: Path | None = None) -> dict[str, Any]:
     """Copy every configured source into `raw_dir/<name>/`; returns files, sizes and md5 per source."""
+    base = base or project_root()
     report: dict[str, Any] = {}
     with atomic_dir(raw_dir) as tmp:
         for source in cfg.data.sources:
@@ -73,7 +74,7 @@ def execute(cfg: Config) -> str:
     """The stage as DVC runs it: paths from params, one MLflow run, a summary line."""
     from pipeline import tracking
 
-    raw_dir = PROJECT_ROOT / cfg.paths.raw
+    raw_dir = project_root() / cfg.paths.raw
     params = {"sources": [s.model_dump() for s in cfg.data.sources]}
     with tracking.stage_run("ingest", cfg.tracking, params, {}, {"raw": raw_dir}) as run_log:
         report = run(cfg, raw_dir)

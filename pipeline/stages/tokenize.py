@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from pipeline.config import PROJECT_ROOT, Config, Tokenize
+from pipeline.config import Config, Tokenize, project_root
 from pipeline.files import InputError, atomic_dir, file_digest, write_json
 from pipeline.shards import MANIFEST, write_shard
 from pipeline.stagecli import stage_main
@@ -208,7 +208,7 @@ def run(
         if not path.exists():
             raise InputError(f"{path}: clean output not found (run the clean stage)")
     if tok_cfg.tokenizer_file:
-        tokenizer = load_tokenizer(PROJECT_ROOT / tok_cfg.tokenizer_file, tok_cfg)
+        tokenizer = load_tokenizer(project_root() / tok_cfg.tokenizer_file, tok_cfg)
     else:
         tokenizer = train_tokenizer(corpus, labeled, tok_cfg)
     vocab_size = tokenizer.get_vocab_size()
@@ -256,9 +256,9 @@ def execute(cfg: Config) -> str:
     from pipeline import tracking
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    clean_dir = PROJECT_ROOT / cfg.paths.clean
-    tokenizer_dir, tokens_dir = PROJECT_ROOT / cfg.paths.tokenizer, PROJECT_ROOT / cfg.paths.tokens
-    metrics_path = PROJECT_ROOT / cfg.paths.metrics / "tokenize.json"
+    clean_dir = project_root() / cfg.paths.clean
+    tokenizer_dir, tokens_dir = project_root() / cfg.paths.tokenizer, project_root() / cfg.paths.tokens
+    metrics_path = project_root() / cfg.paths.metrics / "tokenize.json"
     outputs = {"tokenizer": tokenizer_dir, "tokens": tokens_dir}
     with tracking.stage_run("tokenize", cfg.tracking, cfg.tokenize.model_dump(), {"clean": clean_dir},
                             outputs) as run_log:

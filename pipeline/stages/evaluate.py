@@ -31,7 +31,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 from pipeline import ngram
 from pipeline.checkpoint import load_model, read_config
 from pipeline.classify import Classifier, predict_proba, read_examples, read_labels
-from pipeline.config import PROJECT_ROOT, Config, Evaluate
+from pipeline.config import Config, Evaluate, project_root
 from pipeline.files import InputError, atomic_path, write_json
 from pipeline.generate import generate
 from pipeline.report import confusion_plot, curve_plot, render_report
@@ -212,7 +212,7 @@ def run(
     hashes = {"git": git_state().get("git.commit", "-")}
     hashes.update(
         {
-            str(p.relative_to(PROJECT_ROOT)) if p.is_relative_to(PROJECT_ROOT) else str(p): path_md5(p)
+            str(p.relative_to(project_root())) if p.is_relative_to(project_root()) else str(p): path_md5(p)
             for p in (lm_dir, classifier_dir, tokens_dir, clean_dir)
             if p.exists()
         }
@@ -229,7 +229,7 @@ def execute(cfg: Config) -> str:
     from pipeline import tracking
 
     paths = {
-        name: PROJECT_ROOT / getattr(cfg.paths, name)
+        name: project_root() / getattr(cfg.paths, name)
         for name in ("lm", "tokens", "classifier", "clean", "metrics", "reports")
     }
     report = paths["reports"] / "report.html"
