@@ -1,12 +1,12 @@
 """Co-occurrence and GloVe side by side with a peer on the same corpus, in one run, with the quality of both.
 
 Corpus: by default the train split of the default clean corpus (`data/clean/corpus.parquet`), as the
-cooccur stage reads it: lowercased words (`cooccur.word_pattern`), one document per line for the peer.
+cooccur stage reads it: lowercased words (`words.pattern`), one document per line for the peer.
 `--text gensim` takes the same dump's pages as gensim's `WikiCorpus` tokenizes them instead (the issue's
 reference figures were measured on that text; it keeps table cells, our cleaning drops them), and
 `--splits all` every page rather than the train split (pages follow `data/splits/splits.parquet`).
 The labeled set's train texts follow the pages, as the stage counts them, unless `--no-labeled` (or
-`cooccur.include_labeled_train: false`).
+`words.include_labeled_train: false`).
 - Peer, when `--glove-c DIR` names a built Stanford GloVe checkout (`make` in it; never committed):
   `vocab_count` + `cooccur` timed against our cooccur stage (which also builds the vocabulary), then
   `shuffle` + `glove` (same dim, iterations, x_max, window, min count, threads = cores) against our glove
@@ -51,7 +51,7 @@ from pipeline.vectors import CORPUS_FILE, LABELED_FILE, train_texts  # noqa: E40
 
 
 def benchmark_files(cfg: Config) -> list[Path]:
-    return [resolve_package_path(spec) for spec in cfg.glove.benchmarks.model_dump().values()]
+    return [resolve_package_path(spec) for spec in cfg.word_eval.benchmarks.model_dump().values()]
 
 
 def gensim_pages(cfg: Config) -> dict[str, str]:
@@ -97,7 +97,7 @@ def ours(cfg: Config, clean_dir: Path, work: Path) -> dict[str, Any]:
 
 def glove_c(cfg: Config, clean_dir: Path, work: Path, binaries: Path, seed: int) -> dict[str, Any]:
     corpus = work / "corpus.txt"
-    pattern = re.compile(cfg.cooccur.word_pattern)
+    pattern = re.compile(cfg.words.pattern)
     with open(corpus, "w", encoding="utf-8") as out:
         for text in train_texts(clean_dir / CORPUS_FILE):
             out.write(" ".join(pattern.findall(text.lower())) + "\n")
@@ -137,7 +137,7 @@ def glove_c(cfg: Config, clean_dir: Path, work: Path, binaries: Path, seed: int)
 def word2vec(cfg: Config, clean_dir: Path) -> dict[str, Any]:
     from gensim.models import Word2Vec
 
-    pattern = re.compile(cfg.cooccur.word_pattern)
+    pattern = re.compile(cfg.words.pattern)
     sentences = [pattern.findall(t.lower()) for t in train_texts(clean_dir / CORPUS_FILE)]
     started = time.perf_counter()
     model = Word2Vec(sentences, vector_size=cfg.glove.dim, window=cfg.cooccur.window, sg=1,
@@ -164,12 +164,12 @@ def main() -> None:
     parser.add_argument("--no-labeled", action="store_true", help="leave out the labeled train texts")
     args = parser.parse_args()
     # the composed corpus.parquet holds every text counted, the labeled ones included
-    overrides = {"tracking.enabled": False, "cooccur.include_labeled_train": False}
+    overrides = {"tracking.enabled": False, "words.include_labeled_train": False}
     cfg = load_config(overrides=overrides)
-    labeled = load_config().cooccur.include_labeled_train and not args.no_labeled
+    labeled = load_config().words.include_labeled_train and not args.no_labeled
     corpus_tmp = tempfile.TemporaryDirectory()
     clean_dir = corpus_dir(cfg, args.text, args.splits, labeled, Path(corpus_tmp.name))
-    documents = cooccur.word_documents([clean_dir / CORPUS_FILE], cfg.cooccur.word_pattern)
+    documents = cooccur.word_documents([clean_dir / CORPUS_FILE], cfg.words.pattern)
     words = sum(map(len, documents))
     torch.set_num_threads(os.cpu_count() or 1)
     rows: dict[str, list[dict[str, Any]]] = {"ours": [], "peer": []}

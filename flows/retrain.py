@@ -34,11 +34,10 @@ from prefect import flow, get_run_logger, task
 from prefect.states import Completed, State
 
 from pipeline import tracking
-from pipeline.config import load_config
+from pipeline.config import load_config, project_root
 
-STAGES = ("ingest", "clean", "tokenize", "cooccur", "glove", "cooccur_token", "glove_token", "pretrain",
-          "finetune", "evaluate")
-DEFAULT_PROJECT = Path(__file__).resolve().parent.parent
+STAGES = ("ingest", "clean", "tokenize", "cooccur", "glove", "skipgram", "cbow", "cooccur_token",
+          "glove_token", "pretrain", "finetune", "evaluate")
 
 
 def dvc(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -133,10 +132,11 @@ def promotion_gate(project: Path, metric: str, margin: float) -> dict[str, Any]:
 
 
 @flow(name="retrain", log_prints=True)
-def retrain(project: str = str(DEFAULT_PROJECT), overrides: list[str] | None = None, push: bool = False,
+def retrain(project: str | None = None, overrides: list[str] | None = None, push: bool = False,
             metric: str = "macro_f1", margin: float = 0.0) -> State | dict[str, Any]:
-    """Retrain what changed, stage by stage, then gate the classifier's promotion to `champion`."""
-    root = Path(project).resolve()
+    """Retrain what changed, stage by stage, then gate the classifier's promotion to `champion`.
+    `project`: the project directory (default: the one around the current directory)."""
+    root = Path(project).resolve() if project else project_root()
     if overrides:
         apply_overrides(root / "params.yaml", overrides)
     cfg = load_config(root / "params.yaml")

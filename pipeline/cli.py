@@ -31,35 +31,38 @@ def params(params: ParamsOption = None) -> None:
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
-STAGES = {
-    "ingest": "Copy the raw sources into data/raw",
-    "clean": "Clean the raw sources into data/clean",
-    "tokenize": "Train the BPE tokenizer and encode the token shards",
-    "cooccur": "Count word co-occurrences over the train split",
-    "cooccur_token": "Count token co-occurrences over the train shards",
-    "glove": "Train GloVe word vectors and evaluate them on word benchmarks",
-    "glove_token": "Train GloVe token vectors (the language model's embedding init)",
-    "pretrain": "Train the language model (torchrun for several processes)",
-    "finetune": "Fine-tune a sentiment classifier on the pretrained model",
-    "evaluate": "Evaluate the models against baselines and write reports/report.html",
+# stage name -> (summary, module in pipeline/stages/, its arguments): what `dvc repro <name>` runs
+STAGES: dict[str, tuple[str, str, list[str]]] = {
+    "ingest": ("Copy the raw sources into data/raw", "ingest", []),
+    "clean": ("Clean the raw sources into data/clean", "clean", []),
+    "tokenize": ("Train the BPE tokenizer and encode the token shards", "tokenize", []),
+    "cooccur": ("Count word co-occurrences over the train split", "cooccur", ["--unit", "word"]),
+    "cooccur_token": ("Count token co-occurrences over the train shards", "cooccur", ["--unit", "token"]),
+    "glove": ("Train GloVe word vectors and evaluate them on word benchmarks", "glove", ["--unit", "word"]),
+    "glove_token": ("Train GloVe token vectors (the language model's embedding init)", "glove",
+                    ["--unit", "token"]),
+    "skipgram": ("Train Word2Vec skip-gram word vectors and evaluate them", "word2vec",
+                 ["--method", "skipgram"]),
+    "cbow": ("Train Word2Vec CBOW word vectors and evaluate them", "word2vec", ["--method", "cbow"]),
+    "pretrain": ("Train the language model (torchrun for several processes)", "pretrain", []),
+    "finetune": ("Fine-tune a sentiment classifier on the pretrained model", "finetune", []),
+    "evaluate": ("Evaluate the models against baselines and write reports/report.html", "evaluate", []),
 }
 
 
-def add_stage_command(name: str, summary: str) -> None:
+def add_stage_command(name: str, summary: str, module: str, arguments: list[str]) -> None:
     def command(params: ParamsOption = None) -> None:
         import importlib
 
-        module, _, unit = name.partition("_")  # cooccur_token -> pipeline.stages.cooccur --unit token
         stage = importlib.import_module(f"pipeline.stages.{module}")
-        argv = (["--params", str(params)] if params else []) + (["--unit", unit] if unit else [])
-        raise typer.Exit(stage.main(argv))
+        raise typer.Exit(stage.main([*(["--params", str(params)] if params else []), *arguments]))
 
     command.__doc__ = f"{summary} (what `dvc repro {name}` runs)."
     app.command(name=name)(command)
 
 
-for _name, _summary in STAGES.items():
-    add_stage_command(_name, _summary)
+for _name, (_summary, _module, _arguments) in STAGES.items():
+    add_stage_command(_name, _summary, _module, _arguments)
 
 
 @app.command()
@@ -185,6 +188,7 @@ def run(
     MLflow parent run that every stage's run nests in."""
     from pipeline import tracking
 
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # not MLflow's INFO lines (store creation)
     command = [sys.executable, "-m", "dvc", "repro", *(["--force"] if force else [])]
     command += [stage] if stage else []
     with tracking.pipeline_run(load_config().tracking, "pipeline", {"trigger": "pipeline run"}) as parent:

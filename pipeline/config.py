@@ -228,12 +228,17 @@ class Cooccur(Section):
     # The 1/d weights are summed exactly as integers over lcm(1..window): 24 keeps that in int64.
     window: int = Field(24, ge=1, le=24, description="units each side of the centre")
     min_count: int = Field(5, ge=1, description="units seen fewer times in train are dropped first")
-    word_pattern: str = Field(r"[^\W\d_]+", description="regex of a word (unit: word), on lowercased text")
-    include_labeled_train: bool = Field(
-        True, description="unit word: count the labeled set's train texts after the corpus's"
-    )
     memory_mb: float = Field(64, gt=0, description="pair buffers (MiB), reduced and spilled when full")
     workers: int = Field(0, ge=0, description="threads counting document batches; 0 = all cores")
+
+
+class Words(Section):
+    """The word text of the word-vector stages (cooccur, skipgram, cbow): train texts only."""
+
+    pattern: str = Field(r"[^\W\d_]+", description="regex of a word, on lowercased text")
+    include_labeled_train: bool = Field(
+        True, description="the labeled set's train texts follow the corpus's (never val or test)"
+    )
 
 
 class WordBenchmarks(Section):
@@ -256,10 +261,30 @@ class Glove(Section):
     batch_size: int = Field(1024, ge=1, description="records per AdaGrad step")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
     seed: int = 1337
+
+
+class Word2Vec(Section):
+    """gensim's Word2Vec (stages skipgram and cbow) on the `words` text: negative sampling, subsampling."""
+
+    dim: int = Field(100, ge=1, description="vector width")
+    window: int = Field(10, ge=1, description="words each side of the centre (gensim shrinks it at random)")
+    negative: int = Field(10, ge=1, description="noise words per positive pair")
+    sample: float = Field(1e-4, ge=0, lt=1, description="frequent-word subsampling threshold; 0 = none")
+    min_count: int = Field(5, ge=1, description="words seen fewer times in train are dropped")
+    epochs: int = Field(15, ge=1)
+    learning_rate: float = Field(0.025, gt=0, description="start of the linear decay")
+    min_learning_rate: float = Field(1e-4, gt=0, description="end of the linear decay")
+    workers: int = Field(0, ge=0, description="training threads; 0 = all cores; 1 = bit-exact reruns")
+    seed: int = 1337
+
+
+class WordEval(Section):
+    """How word vectors (glove, skipgram, cbow) are scored: benchmarks and probe words' neighbours."""
+
     benchmarks: WordBenchmarks = WordBenchmarks()
     probe_words: list[str] = Field(
         default_factory=lambda: ["war", "music", "france", "king", "philosophy"],
-        description="words whose nearest neighbours go into metrics/glove.json",
+        description="words whose nearest neighbours go into the metrics",
     )
     neighbours: int = Field(8, ge=1)
 
@@ -327,6 +352,8 @@ class Paths(Section):
     cooccur_token: str = "data/cooccur_token"  # token unit
     glove: str = "data/glove"                  # word vectors
     glove_token: str = "data/glove_token"      # token vectors (pretrain.init_embeddings)
+    skipgram: str = "data/skipgram"            # Word2Vec word vectors
+    cbow: str = "data/cbow"
     lm: str = "data/lm"
     checkpoints: str = "checkpoints/pretrain"
     classifier: str = "data/classifier"
@@ -354,8 +381,11 @@ class Config(Section):
     paths: Paths = Paths()
     data: Data
     tokenize: Tokenize = Tokenize()
+    words: Words = Words()
     cooccur: Cooccur = Cooccur()
     glove: Glove = Glove()
+    word2vec: Word2Vec = Word2Vec()
+    word_eval: WordEval = WordEval()
     pretrain: Pretrain = Pretrain()
     finetune: Finetune = Finetune()
     evaluate: Evaluate = Evaluate()

@@ -23,6 +23,7 @@ from pipeline.config import project_root
 from pipeline.files import InputError
 from pipeline.tracking import path_md5
 
+WORD_STAGES = ("cooccur", "skipgram", "cbow")  # stages that read the clean text as words
 LOCK_FILE = "dvc.lock"
 RAW_MANIFEST = "sources.json"
 
@@ -96,7 +97,7 @@ def affected_outputs(stage: StageRecord, changed: str) -> list[str]:
     stage-level dependencies; the clean and tokenize stages' contracts are finer and say so here:
     clean writes the corpus from unlabeled sources and the labeled set from labeled ones, tokenize
     encodes the labeled set apart from the corpus shards (unless `include_labeled_train`), and
-    cooccur (words) reads the labeled set only with its own `include_labeled_train`."""
+    the word stages (cooccur, skipgram, cbow) read it only with `words.include_labeled_train`."""
     every = [o.path for o in stage.outs]
     if stage.name == "clean" and stage.outs:
         raw = next((d.path for d in stage.deps if Artifact(d.path, "").contains(changed)
@@ -110,8 +111,8 @@ def affected_outputs(stage: StageRecord, changed: str) -> list[str]:
     if stage.name == "tokenize" and changed.endswith("labeled.parquet") and corpus_only:
         tokens = [o.path for o in stage.outs if o.md5.endswith(".dir")][-1]  # the tokenizer's dir, then this
         return [f"{tokens}/labeled", f"{tokens}/manifest.json"]
-    counts_labeled = stage.params.get("cooccur", {}).get("include_labeled_train")
-    if stage.name == "cooccur" and changed.endswith("labeled.parquet") and not counts_labeled:
+    reads_labeled = stage.params.get("words", {}).get("include_labeled_train")
+    if stage.name in WORD_STAGES and changed.endswith("labeled.parquet") and not reads_labeled:
         return []
     return every
 

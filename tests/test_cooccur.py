@@ -43,6 +43,8 @@ def stage_matrix(out_dir: Path) -> tuple[list[str], dict]:
 def run_cooccur(root: Path, params: dict[str, Any], out: Path, unit: str = "word",
                 **overrides: Any) -> dict[str, Any]:
     params = copy.deepcopy(params)
+    if "include_labeled_train" in overrides:
+        params["words"]["include_labeled_train"] = overrides.pop("include_labeled_train")
     params["cooccur"].update(overrides)
     return cooccur.run(parse_config(params), root / "clean", root / "tokenizer", root / "tokens", out,
                        out.parent / f"{out.name}.json", unit)
@@ -58,7 +60,7 @@ def test_word_counts_equal_a_brute_force_count_exactly(small_project, tmp_path, 
     assert metrics["chunks"] > 1
     tables = [root / "clean" / CORPUS_FILE] + labeled * [root / "clean" / LABELED_FILE]
     texts = list(train_texts(*tables))  # each labeled train text its own document
-    pattern = re.compile(params["cooccur"]["word_pattern"])
+    pattern = re.compile(params["words"]["pattern"])
     vocab, expected = brute_force([pattern.findall(t.lower()) for t in texts], 5, window)
     got_vocab, got = stage_matrix(tmp_path / "co")
     assert got_vocab == vocab
@@ -116,7 +118,7 @@ def test_empty_train_split_is_refused(tiny_project, tmp_path):
                                 .column("split").to_numpy(zero_copy_only=False) != "train"),
                    tmp_path / "clean" / CORPUS_FILE)
     params = copy.deepcopy(params)
-    params["cooccur"]["include_labeled_train"] = False
+    params["words"]["include_labeled_train"] = False
     with pytest.raises(InputError, match="train has no words"):
         cooccur.run(parse_config(params), tmp_path / "clean", root / "tokenizer", root / "tokens",
                     tmp_path / "co", tmp_path / "co.json")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +165,7 @@ def test_evaluate_writes_metrics_plots_and_a_self_contained_report(tiny_lm, trai
     assert lm["objective"] == "clm" and lm["ratio_to_bigram"] == pytest.approx(
         lm["test_bits_per_byte"] / lm["bigram_bits_per_byte"], abs=2e-3)
     report = (tmp_path / "reports" / "report.html").read_text()
-    for section in ("Language model", "Sentiment classifier", "Embeddings", "Samples", "Built from"):
+    for section in ("Language model", "Sentiment classifier", "Word vectors", "Samples", "Built from"):
         assert section in report
     assert report.count("data:image/png;base64,") >= 4
     assert not re.search(r"(src|href)=['\"]https?:", report)  # nothing fetched from outside
@@ -233,7 +234,7 @@ def test_a_label_seen_in_test_but_never_in_train_is_refused(tiny_project, tmp_pa
                      tmp_path / "t.json")
 
 
-def test_registered_classifier_serves_through_pyfunc(trained, tmp_path, monkeypatch):
+def test_registered_classifier_serves_through_pyfunc(trained, tmp_path, monkeypatch, capfd):
     import mlflow.pyfunc
     import pandas as pd
 
@@ -244,9 +245,14 @@ def test_registered_classifier_serves_through_pyfunc(trained, tmp_path, monkeypa
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)  # artifacts land under ./mlruns
-    with tracking.stage_run("finetune", Tracking(experiment="t"), {}, {}, {}) as run:
+    with tracking.stage_run("finetune", Tracking(experiment="t"), {}, {}, {}) as run, \
+            warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
         version = tracking.register_model(run, out / "classifier", "clf", "classifier")
     assert version == "1" and tracking.champion_version(run.client, "clf") == "1"  # the first is champion
+    said = capfd.readouterr().err
+    assert "CloudPickle" not in said and "Downloading artifacts" not in said  # a quiet log
+    assert not [w for w in warned if "type hints" in str(w.message)]
     assert tracking.version_with_md5(run.client, "clf", tracking.path_md5(out / "classifier")) == "1"
     mlflow.set_tracking_uri(uri)
     served = mlflow.pyfunc.load_model("models:/clf@champion")

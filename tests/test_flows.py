@@ -46,6 +46,7 @@ def tiny_project(root: Path) -> Path:
     params["data"]["sources"][1]["path"] = "sentiment.csv"
     params["tokenize"].update(vocab_size=512, shard_tokens=16384)
     params["glove"].update(epochs=2, dim=16)
+    params["word2vec"].update(epochs=2, dim=16, workers=1)
     params["pretrain"].update(model={"arch": "gpt", "context": 32, "n_layer": 1, "n_head": 2, "n_embd": 32},
                               max_steps=6, eval_every=3, eval_windows=4, checkpoint_every=3, warmup_steps=1)
     params["finetune"].update(max_examples=64, epochs=1, eval_every=2, checkpoint_every=2)
@@ -96,9 +97,10 @@ def test_the_flow_runs_every_stage_then_finds_nothing_to_retrain(prefect_server,
     assert problems["data/tokens"]["changed_files"] == [f"data/tokens/train/{shard.name}"]
     downstream = {stage for p in problems.values() for stage in p["downstream"]}
     assert {"cooccur_token", "glove_token", "pretrain", "finetune", "evaluate"} <= downstream
-    assert not {"cooccur", "glove"} & downstream  # the word vectors never read the shards
+    assert not {"cooccur", "glove", "skipgram", "cbow"} & downstream  # word vectors never read the shards
     reached = lineage.impacted("data/raw/sentiment/sentiment.csv", root=project)["stages"]
-    assert {"finetune", "evaluate", "cooccur", "glove"} <= set(reached)  # glove counts labeled train texts
+    # the word vectors count the labeled train texts (words.include_labeled_train)
+    assert {"finetune", "evaluate", "cooccur", "glove", "skipgram", "cbow"} <= set(reached)
     assert "data/classifier" in reached["finetune"]
     registered = lineage.impacted("data/raw/sentiment/sentiment.csv", root=project, tracking_uri=uri)
     assert "models:/sentiment-classifier/1" in registered["model_versions"]

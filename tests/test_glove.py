@@ -78,6 +78,8 @@ def word_cooccur(small_project, tmp_path_factory) -> Path:
 
 def run_glove(params: dict[str, Any], cooccur_dir: Path, out: Path, **overrides: Any) -> dict[str, Any]:
     params = copy.deepcopy(params)
+    if "benchmarks" in overrides:
+        params["word_eval"]["benchmarks"] = overrides.pop("benchmarks")
     params["glove"].update(epochs=4, dim=16, **overrides)
     return glove.run(parse_config(params), cooccur_dir, out / "glove", out / "metrics")
 
@@ -105,13 +107,13 @@ def test_outputs_text_format_plot_and_benchmarks(small_project, word_cooccur, tm
     np.testing.assert_allclose([float(v) for v in lines[0].split(" ")[1:]], vectors[0].numpy(), atol=1e-6)
     plot = (tmp_path / "metrics" / "plots" / "glove_loss.csv").read_text().splitlines()
     assert plot[0] == "epoch,loss" and len(plot) == 5
-    files = parse_config(small_project[1]).glove.benchmarks
+    files = parse_config(small_project[1]).word_eval.benchmarks
     for name, total in (("wordsim353", 353), ("simlex999", 999)):
         assert len(wordbench.read_pairs(resolve_package_path(getattr(files, name)))) == total
         assert metrics[name]["pairs"] == round(metrics[name]["coverage"] * total) > 0
     assert math.isfinite(metrics["wordsim353"]["spearman"])
     assert metrics["analogy"]["questions"] >= 0
-    assert set(metrics["neighbours"]) <= set(small_project[1]["glove"]["probe_words"])
+    assert set(metrics["neighbours"]) <= set(small_project[1]["word_eval"]["probe_words"])
 
 
 def test_token_unit_vectors_carry_their_token_ids(small_project, tmp_path):

@@ -95,7 +95,7 @@ def test_labeled_texts_reach_the_cooccurrences_only_where_counted(
     lock["stages"][stage] = {
         "cmd": f"python -m pipeline.stages.cooccur --unit {'token' if 'token' in stage else 'word'}",
         "deps": [entry(chain, p) for p in deps],
-        "params": {"params.yaml": {"cooccur": {"include_labeled_train": include_labeled}}},
+        "params": {"params.yaml": {"words": {"include_labeled_train": include_labeled}}},
         "outs": [entry(chain, f"data/{stage}")]}
     (chain / "dvc.lock").write_text(yaml.safe_dump(lock))
     assert (stage in lineage.impacted("data/raw/labels/x.csv", root=chain)["stages"]) == reached

@@ -226,3 +226,12 @@ def test_mlm_encoder_trains_scores_masked_tokens_and_refuses_to_generate(tiny_pr
     result = CliRunner().invoke(app, ["generate", "--checkpoint", str(tmp_path / "lm"), "--prompt", "Hi"])
     assert result.exit_code != 0
     assert result.output.strip().count("\n") == 0 and "does not generate" in result.output
+
+
+def test_a_missing_tokenizer_is_refused_before_training(tiny_project, tmp_path: Path) -> None:
+    root, _ = tiny_project
+    params = parse_config(pretrain_params(tiny_project, tmp_path, max_steps=2))
+    with pytest.raises(InputError, match=r"tokenizer\.json: tokenizer not found \(run the tokenize stage\)"):
+        pretrain.run(params, root / "tokens", tmp_path / "no-tokenizer", tmp_path / "lm",
+                     tmp_path / "checkpoints", tmp_path / "m")
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "lm").exists()

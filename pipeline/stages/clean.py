@@ -36,10 +36,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datasketch import MinHash, MinHashLSH
-from tqdm import tqdm
 
 from pipeline.config import Config, Dedup, Filters, Source, Split, project_root
 from pipeline.files import InputError, atomic_dir, atomic_path, resolve_paths, write_json
+from pipeline.progress import Progress
 from pipeline.sources import RawDoc, read_source
 from pipeline.stagecli import stage_main
 from pipeline.textfix import PROSE_PUNCTUATION, has_mojibake, repair, wikitext_to_text
@@ -289,7 +289,7 @@ def run(
             target = sets["labeled" if source.labeled else "corpus"]
             filters = effective_filters(source, clean_cfg.filters)
             batches = batched(read_all(source, raw_dir, report), clean_cfg.batch_pages)
-            progress = tqdm(desc=f"clean {source.name}", unit="doc", disable=None, file=sys.stderr)
+            progress = Progress(f"clean {source.name}", None, "doc")
             work = functools.partial(_clean_batch, dedup=clean_cfg.dedup, filters=filters)
             for cleaned in pool.imap(work, batches):
                 for doc in cleaned:

@@ -6,8 +6,8 @@ document adds 1/d to X[a, b] and to X[b, a], so X is symmetric and self pairs co
 never cross a document boundary.
 
 Units (`--unit`; the `cooccur` stage counts words, `cooccur_token` tokens): `word`, lowercased
-`word_pattern` matches of the clean train text (the corpus, then with `include_labeled_train` the
-labeled set's train texts, each text a document), or `token`, the BPE ids of the train token shards,
+`words.pattern` matches of the clean train text (the corpus, then with `words.include_labeled_train`
+the labeled set's train texts, each text a document), or `token`, the BPE ids of the train token shards,
 which hold the labeled train texts when `tokenize.include_labeled_train` (the row of a token is then
 its id's vocabulary rank; `vocab.parquet` maps it back to the id).
 
@@ -41,10 +41,10 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from pipeline.config import Config, Cooccur, project_root
 from pipeline.files import InputError, atomic_dir, write_json
+from pipeline.progress import Progress
 from pipeline.shards import TokenShards, read_manifest
 from pipeline.stagecli import stage_main
 from pipeline.vectors import (
@@ -111,11 +111,10 @@ def read_word_ids(tables: list[Path], pattern: str, path: Path) -> WordIds:
     return WordIds(list(first_seen), path, np.array(lengths, dtype=np.int64))
 
 
-def word_vocabulary(word_ids: WordIds, cfg: Cooccur, tables: list[Path]) -> Vocabulary:
+def word_vocabulary(word_ids: WordIds, cfg: Cooccur, tables: list[Path], pattern: str) -> Vocabulary:
     """Words with at least `min_count` train occurrences, by count descending, ties by the word."""
     if not word_ids.words:
-        raise InputError(f"{', '.join(map(str, tables))}: train has no words "
-                         f"(cooccur.word_pattern {cfg.word_pattern!r})")
+        raise InputError(f"{', '.join(map(str, tables))}: train has no words (words.pattern {pattern!r})")
     counts, words = word_ids.counts(), word_ids.words
     kept = sorted(np.flatnonzero(counts >= cfg.min_count), key=lambda i: (-counts[i], words[i]))
     kept_ids = np.array(kept, dtype=np.int64)
@@ -254,7 +253,7 @@ class PairCounter:
     def units_per_batch(self) -> int:
         return max(self.max_pairs // (2 * self.window), 1)
 
-    def count(self, batches: Iterable[tuple[np.ndarray, np.ndarray]], progress: tqdm) -> None:
+    def count(self, batches: Iterable[tuple[np.ndarray, np.ndarray]], progress: Progress) -> None:
         reduce = functools.partial(reduced_batch, vocab_size=self.vocab_size, window=self.window,
                                    scale=self.scale)
         with ThreadPoolExecutor(self.workers) as pool:
@@ -315,7 +314,7 @@ def count_cooccurrences(
     """Count over `documents` (vocabulary rows), write the triples to `out_path`; returns counts."""
     workers = cfg.workers or os.cpu_count() or 1
     counter = PairCounter(vocab_size, cfg.window, int(cfg.memory_mb * 2**20), workers, spill_dir)
-    progress = tqdm(desc="cooccur", unit="unit", unit_scale=True, disable=None, file=sys.stderr)
+    progress = Progress("cooccur", None, "unit")
     counter.count(document_batches(documents, counter.units_per_batch), progress)
     progress.close()
     schema = pa.schema([("row", pa.int32()), ("col", pa.int32()), ("value", pa.float64())])
@@ -358,10 +357,10 @@ def run(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stack = contextlib.ExitStack()
     if unit == "word":
-        tables = word_tables(clean_dir, co.include_labeled_train)
-        word_ids = read_word_ids(tables, co.word_pattern, Path(stack.enter_context(
+        tables = word_tables(clean_dir, cfg.words.include_labeled_train)
+        word_ids = read_word_ids(tables, cfg.words.pattern, Path(stack.enter_context(
             tempfile.TemporaryDirectory(dir=out_dir.parent))) / "word_ids.int32")
-        vocab = word_vocabulary(word_ids, co, tables)
+        vocab = word_vocabulary(word_ids, co, tables, cfg.words.pattern)
         check_vocabulary(vocab, co, unit)
         documents: Iterable[np.ndarray] = word_rows(word_ids, vocab)
     else:

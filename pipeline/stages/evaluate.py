@@ -6,7 +6,8 @@ baselines computed in the same run, and a self-contained HTML report.
 - Classifier: accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix on the
   labeled **test** split, beside TF-IDF (word 1-2 grams) + logistic regression trained on the same
   train split (scikit-learn).
-- Embeddings: the glove stage's benchmark scores and nearest neighbours (`metrics/glove.json`).
+- Word vectors: the glove, skipgram and cbow stages' benchmark scores and nearest neighbours
+  (`metrics/{glove,skipgram,cbow}.json`), side by side.
 - Generation: samples from `evaluate.samples` prompts with a fixed seed.
 
 Outputs: `metrics/evaluate.json`, `metrics/plots/confusion.csv` (actual,predicted per test example,
@@ -171,13 +172,14 @@ def run(
     labels = [name for name, _ in sorted(mapping.items(), key=lambda item: item[1])]
     ours, pairs = classifier_metrics(classifier_dir, tokens_dir, labels)
     actual, predicted, chosen = tfidf_baseline(clean_dir / LABELED_FILE, mapping, e, cfg.seed)
-    glove_path, backbones_path = metrics_dir / "glove.json", metrics_dir / "backbones.json"
-    embeddings = json.loads(glove_path.read_text()) if glove_path.exists() else None
+    backbones_path = metrics_dir / "backbones.json"
+    embeddings = {name: json.loads((metrics_dir / f"{name}.json").read_text())
+                  for name in ("glove", "skipgram", "cbow") if (metrics_dir / f"{name}.json").exists()}
     metrics: dict[str, Any] = {
         "language_model": language_model_metrics(lm_dir, tokens_dir, e),
         "classifier": ours,
         "baseline": {**classification_metrics(actual, predicted, labels), "tuned_on_val": chosen},
-        "embeddings": embeddings,
+        "embeddings": embeddings or None,
         "backbones": json.loads(backbones_path.read_text()) if backbones_path.exists() else None,
         "samples": [
             {

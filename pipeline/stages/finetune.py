@@ -42,6 +42,7 @@ from pipeline.classify import (
 from pipeline.config import Config, Finetune, project_root
 from pipeline.files import InputError, atomic_dir, file_digest, write_csv, write_json
 from pipeline.models import SequenceClassifier, with_dropout
+from pipeline.progress import Progress
 from pipeline.shards import read_manifest
 from pipeline.stagecli import stage_main
 from pipeline.training import autocast, decay_groups, warmup_cosine
@@ -132,6 +133,7 @@ def run(cfg: Config, lm_dir: Path, tokens_dir: Path, out_dir: Path, checkpoints:
     extra = {"pad_id": pad_id, "max_length": max_length, "labels": mapping,
              "lm_sha256": lm_config["sha256"]}
     stopped_early = False
+    bar = Progress("finetune", max_steps, "step", progress["step"], ("examples", f.batch_size))
     while progress["step"] < max_steps and not stopped_early:
         started = time.perf_counter()
         step = progress["step"]
@@ -157,11 +159,13 @@ def run(cfg: Config, lm_dir: Path, tokens_dir: Path, out_dir: Path, checkpoints:
         progress["step"] = step = step + 1
         progress["seconds_training"] += time.perf_counter() - started
         progress["train_curve"].append((step, loss.item()))
+        bar.update(1, loss=loss.item())
         if tracked is not None:
             tracked.log_metrics({"train_loss": loss.item()}, step=step)
         if step % f.eval_every == 0 or step == max_steps:
             score = macro_f1(model, val, pad_id, 2 * f.batch_size, device)
             progress["val_curve"].append((step, score))
+            bar.update(0, val_macro_f1=score)
             if tracked is not None:
                 tracked.log_metrics({"val_macro_f1": score}, step=step)
             if score > progress["best_f1"]:
@@ -172,6 +176,7 @@ def run(cfg: Config, lm_dir: Path, tokens_dir: Path, out_dir: Path, checkpoints:
                 stopped_early = progress["bad_evals"] >= f.patience
         if step % f.checkpoint_every == 0 or step == max_steps or stopped_early:
             write_checkpoint(checkpoints, model, optimizer, progress, run_fingerprint)
+    bar.close()
     with atomic_dir(out_dir) as tmp:
         shutil.copytree(checkpoints / "best", tmp, dirs_exist_ok=True)
         shutil.copy(lm_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)

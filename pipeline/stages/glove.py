@@ -30,11 +30,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from pipeline import wordbench
 from pipeline.config import Config, Glove, project_root
 from pipeline.files import InputError, atomic_dir, resolve_package_path, write_csv, write_json
+from pipeline.progress import Progress
 from pipeline.stagecli import stage_main
 from pipeline.vectors import (
     COOCCUR_FILE,
@@ -148,13 +148,14 @@ def train_epoch(params: Parameters, triples: Triples, order: torch.Tensor, cfg: 
 
 
 def train(
-    triples: Triples, vocab_size: int, cfg: Glove, device: torch.device
+    triples: Triples, vocab_size: int, cfg: Glove, device: torch.device, stage: str = "glove"
 ) -> tuple[Parameters, list[dict]]:
     """`epochs` passes, each over a fresh permutation drawn from `seed`; returns parameters and history."""
     params = Parameters.initial(vocab_size, cfg.dim, cfg.seed, device)
     shuffle = torch.Generator().manual_seed(cfg.seed + 1)
     history = []
-    for epoch in tqdm(range(1, cfg.epochs + 1), desc="glove", unit="epoch", disable=None, file=sys.stderr):
+    bar = Progress(stage, cfg.epochs, "epoch")
+    for epoch in range(1, cfg.epochs + 1):
         started = time.perf_counter()
         order = torch.randperm(len(triples), generator=shuffle).to(device)
         loss = train_epoch(params, triples, order, cfg)
@@ -163,6 +164,8 @@ def train(
         if not np.isfinite(loss):
             raise FloatingPointError(f"glove: the loss is {loss} at epoch {epoch}; lower glove.learning_rate")
         history.append({"epoch": epoch, "loss": loss, "seconds": time.perf_counter() - started})
+        bar.update(1, loss=loss)
+    bar.close()
     return params, history
 
 
@@ -174,16 +177,16 @@ def run(cfg: Config, cooccur_dir: Path, out_dir: Path, metrics_dir: Path,
     vocab = read_vocabulary(cooccur_dir / VOCAB_FILE)
     root = project_root()
     benchmark_files = {name: resolve_package_path(spec) if spec.startswith("pkg://") else root / spec
-                       for name, spec in gcfg.benchmarks.model_dump().items()}
+                       for name, spec in cfg.word_eval.benchmarks.model_dump().items()}
     if vocab.token_ids is None:
         for path in benchmark_files.values():
             if not path.exists():
-                raise InputError(f"{path}: evaluation file not found (glove.benchmarks)")
+                raise InputError(f"{path}: evaluation file not found (word_eval.benchmarks)")
     device = select_device(gcfg.device)
     triples = read_triples(cooccur_dir / COOCCUR_FILE, gcfg, device)
     if int(triples.rows.max()) >= len(vocab):
         raise InputError(f"{cooccur_dir}: triples index past the vocabulary ({len(vocab)} units)")
-    params, history = train(triples, len(vocab), gcfg, device)
+    params, history = train(triples, len(vocab), gcfg, device, stage)
     vectors = params.vectors().float().cpu().contiguous()
     with atomic_dir(out_dir) as tmp:
         tensors = {"vectors": vectors}
@@ -198,7 +201,8 @@ def run(cfg: Config, cooccur_dir: Path, out_dir: Path, metrics_dir: Path,
         "records": len(triples), "dim": gcfg.dim, "epochs": gcfg.epochs, "device": device.type,
         "loss": round(history[-1]["loss"], 6),
         "seconds_per_epoch": round(float(np.median([h["seconds"] for h in history])), 3),
-        "neighbours": wordbench.nearest_neighbours(word_vectors, gcfg.probe_words, gcfg.neighbours),
+        "neighbours": wordbench.nearest_neighbours(word_vectors, cfg.word_eval.probe_words,
+                                                   cfg.word_eval.neighbours),
     }
     if vocab.token_ids is None:
         metrics.update(wordbench.evaluate(word_vectors, *benchmark_files.values()))

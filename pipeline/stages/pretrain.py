@@ -40,6 +40,7 @@ from pipeline.config import Config, Pretrain, project_root
 from pipeline.files import InputError, atomic_dir, file_digest, write_csv, write_json
 from pipeline.models import build_model
 from pipeline.ngram import unigram_bits_per_token
+from pipeline.progress import Progress
 from pipeline.shards import TokenShards, WindowPosition, read_manifest
 from pipeline.stagecli import stage_main
 from pipeline.training import (
@@ -89,7 +90,7 @@ def glove_embedding(glove_dir: Path, initial: torch.Tensor) -> torch.Tensor:
 
     path = glove_dir / "vectors.safetensors"
     if not path.exists():
-        raise InputError(f"{path}: GloVe vectors not found (pretrain.init_embeddings needs the glove output)")
+        raise InputError(f"{path}: token vectors not found (pretrain.init_embeddings: run glove_token)")
     saved = load_file(path)
     if "token_ids" not in saved:
         raise InputError(f"{path}: word vectors; pretrain.init_embeddings needs token vectors "
@@ -197,6 +198,8 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     manifest = read_manifest(tokens_dir)
+    if not (tokenizer_dir / "tokenizer.json").exists():  # copied beside the model at the end
+        raise InputError(f"{tokenizer_dir / 'tokenizer.json'}: tokenizer not found (run the tokenize stage)")
     train, val = TokenShards(tokens_dir, "train"), TokenShards(tokens_dir, "val")
     masked = p.objective == "mlm"
     specials = special_ids(manifest, tokens_dir) if masked else torch.empty(0, dtype=torch.long)
@@ -225,6 +228,8 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
         flops_per_step -= 6 * model.wte.weight.numel() * (1 - p.mask_rate) * tokens_per_step
     peak = peak_flops(device) * world
     stopped_early = False
+    bar = Progress("pretrain", p.max_steps, "step", progress["step"], ("tokens", tokens_per_step),
+                   enabled=rank == 0)
     while progress["step"] < p.max_steps and not stopped_early:
         step_started = time.perf_counter()
         for group in optimizer.param_groups:
@@ -258,12 +263,14 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
         seconds = time.perf_counter() - step_started
         progress["seconds_training"] += seconds
         progress["train_curve"].append((step, loss_sum))
+        bar.update(1, loss=loss_sum)
         if tracked is not None and rank == 0:
             tracked.log_metrics({"train_loss": loss_sum, "lr": lr_at(step - 1, p),
                                  "tokens_per_s": tokens_per_step / seconds}, step=step)
         if step % p.eval_every == 0 or step == p.max_steps:
             val_loss = validation_loss(model, val_windows, p, device, manifest, specials)[0]
             progress["val_curve"].append((step, val_loss))
+            bar.update(0, val_loss=val_loss)
             if tracked is not None and rank == 0:
                 tracked.log_metrics({"val_loss": val_loss}, step=step)
             if val_loss < progress["best_val"]:
@@ -276,6 +283,7 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
                 stopped_early = progress["bad_evals"] >= p.patience
         if rank == 0 and (step % p.checkpoint_every == 0 or step == p.max_steps or stopped_early):
             write_checkpoint(checkpoints, model, optimizer, progress, run_fingerprint)
+    bar.close()
     metrics: dict[str, Any] = {}
     if rank == 0:
         with atomic_dir(lm_dir) as tmp:  # DVC clears lm_dir before a rerun; the best model persists

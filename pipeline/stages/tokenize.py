@@ -24,10 +24,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm import tqdm
 
 from pipeline.config import Config, Tokenize, project_root
 from pipeline.files import InputError, atomic_dir, file_digest, write_json
+from pipeline.progress import Progress
 from pipeline.shards import MANIFEST, write_shard
 from pipeline.stagecli import stage_main
 
@@ -145,7 +145,7 @@ def encode_corpus(
     `include_labeled_train`, the labeled train texts appended to the train shards)."""
     eot = tokenizer.token_to_id(cfg.eot_token)
     writers = {split: ShardWriter(out_dir, split, eot, cfg, dtype) for split in SPLITS}
-    progress = tqdm(desc="tokenize", unit="doc", disable=None, file=sys.stderr)
+    progress = Progress("tokenize", None, "doc")
     batches = pq.ParquetFile(corpus).iter_batches(columns=["text", "split"], batch_size=cfg.batch_documents)
     for batch in batches:
         texts, splits = batch.column(0).to_pylist(), batch.column(1).to_pylist()

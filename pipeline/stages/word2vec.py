@@ -4,8 +4,10 @@ Negative sampling (`word2vec.negative` noise words per pair) and frequent-word s
 (`word2vec.sample`), a linearly decaying learning rate, words seen fewer than `min_count` times
 dropped. The words are those of the `cooccur` stage (`words`): lowercased `words.pattern` matches of
 the corpus's train texts, then with `words.include_labeled_train` the labeled set's train texts, each
-text a sentence (cut into gensim's 10,000-word pieces). They stream from the clean Parquet on every
-pass; nothing holds the corpus in memory. Val and test texts are never read.
+text a sentence (cut into gensim's 10,000-word pieces). They stream once from the clean Parquet into
+a temporary file of one sentence per line, which gensim's `LineSentence` reads on every pass (0.07 s a
+pass against 0.4 s for Parquet and the regex again; nothing holds the corpus in memory). Val and
+test texts are never read.
 
 Two stages: `skipgram` (`--method skipgram`) and `cbow` (`--method cbow`). Outputs in
 `paths.skipgram/` (`paths.cbow/`): `vectors.safetensors` (`vectors` float32, row i = the i-th most
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 import zlib
 from collections.abc import Iterator
@@ -28,13 +31,13 @@ import numpy as np
 import torch
 from gensim.models import Word2Vec
 from gensim.models.callbacks import CallbackAny2Vec
-from gensim.models.word2vec import MAX_WORDS_IN_BATCH
+from gensim.models.word2vec import MAX_WORDS_IN_BATCH, LineSentence
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from pipeline import wordbench
 from pipeline.config import Config, WordEval, project_root
 from pipeline.files import InputError, atomic_dir, resolve_package_path, write_json
+from pipeline.progress import Progress
 from pipeline.stagecli import stage_main
 from pipeline.vectors import TEXT_FILE, VECTORS_FILE, word_documents, word_tables, write_text_vectors
 
@@ -58,7 +61,7 @@ class EpochProgress(CallbackAny2Vec):
     """A progress bar over epochs (one line per update when not on a terminal); keeps epoch seconds."""
 
     def __init__(self, stage: str, epochs: int) -> None:
-        self.bar = tqdm(total=epochs, desc=stage, unit="epoch", disable=None, file=sys.stderr)
+        self.bar = Progress(stage, epochs, "epoch")
         self.seconds: list[float] = []
         self.started = 0.0
 
@@ -71,6 +74,14 @@ class EpochProgress(CallbackAny2Vec):
 
     def on_train_end(self, model: Word2Vec) -> None:
         self.bar.close()
+
+
+def write_sentences(sentences: TrainSentences, path: Path) -> None:
+    """One sentence per line, words separated by spaces (gensim's LineSentence format)."""
+    with open(path, "w", encoding="utf-8") as out:
+        for words in sentences:
+            if words:
+                out.write(" ".join(words) + "\n")
 
 
 def stable_hash(text: str) -> int:
@@ -90,19 +101,24 @@ def benchmark_files(cfg: WordEval) -> list[Path]:
 
 
 def train(sentences: TrainSentences, cfg: Config, method: Method) -> tuple[Word2Vec, dict[str, Any]]:
+    """Train on the sentences; the seconds and words per second count writing them out too."""
     w = cfg.word2vec
     model = Word2Vec(vector_size=w.dim, window=w.window, min_count=w.min_count, sg=int(method == "skipgram"),
                      negative=w.negative, hs=0, sample=w.sample, alpha=w.learning_rate,
                      min_alpha=w.min_learning_rate, workers=w.workers or os.cpu_count() or 1, seed=w.seed,
                      hashfxn=stable_hash)
-    model.build_vocab(sentences)
-    if not model.wv.index_to_key:
-        raise InputError(f"word2vec: no word occurs {w.min_count} times in the train text")
     progress = EpochProgress(method, w.epochs)
-    started = time.perf_counter()
-    _, raw_words = model.train(sentences, total_examples=model.corpus_count, epochs=w.epochs,
-                               callbacks=[progress])
-    seconds = time.perf_counter() - started
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        path = Path(tmp) / "sentences.txt"
+        write_sentences(sentences, path)
+        lines = LineSentence(str(path))
+        model.build_vocab(lines)
+        if not model.wv.index_to_key:
+            raise InputError(f"word2vec: no word occurs {w.min_count} times in the train text")
+        _, raw_words = model.train(lines, total_examples=model.corpus_count, epochs=w.epochs,
+                                   callbacks=[progress])
+        seconds = time.perf_counter() - started
     return model, {"train_seconds": round(seconds, 2),
                    "seconds_per_epoch": round(float(np.median(progress.seconds)), 3),
                    "words_per_second": round(raw_words / seconds), "train_words": model.corpus_total_words}

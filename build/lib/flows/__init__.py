@@ -1,0 +1,1 @@
+"""Prefect flows: orchestration of the DVC stages (no ML logic here)."""

@@ -1,0 +1,50 @@
+"""Language models (no training logic): the GPT decoder and recurrent baselines, built from a
+JSON-serialisable config so a checkpoint is weights (safetensors) plus that config."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from torch import nn
+
+from pipeline.models.classifier import SequenceClassifier
+from pipeline.models.gpt import GPT, GPTConfig
+from pipeline.models.recurrent import RecurrentConfig, RecurrentLM
+
+__all__ = ["GPT", "GPTConfig", "RecurrentConfig", "RecurrentLM", "SequenceClassifier", "build_model",
+           "model_config", "with_dropout"]
+
+
+def build_model(config: dict[str, Any]) -> nn.Module:
+    """A model from its config dict: {"arch": "gpt" | "lstm" | "gru", ...fields}, or
+    {"arch": "classifier", "backbone": {...}, "n_classes": N, "pooling": "last" | "mean"}."""
+    if config["arch"] == "classifier":
+        return SequenceClassifier(build_model(config["backbone"]), config["n_classes"], config["pooling"])
+    fields = {k: v for k, v in config.items() if k != "arch"}
+    if config["arch"] == "gpt":
+        return GPT(GPTConfig(**fields))
+    if config["arch"] in ("lstm", "gru"):
+        fields.pop("cell", None)
+        return RecurrentLM(RecurrentConfig(cell=config["arch"], **fields))
+    raise ValueError(f"unknown model arch '{config['arch']}' (gpt, lstm, gru)")
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+    """The config dict `build_model` takes back (what a checkpoint's config.json holds)."""
+    if isinstance(model, GPT):
+        return {"arch": "gpt", **asdict(model.cfg)}
+    if isinstance(model, SequenceClassifier):
+        return {"arch": "classifier", "backbone": model_config(model.backbone), "n_classes": model.n_classes,
+                "pooling": model.pooling}
+    if isinstance(model, RecurrentLM):
+        fields = asdict(model.cfg)
+        return {"arch": fields.pop("cell"), **fields}
+    raise TypeError(f"not a pipeline model: {type(model).__name__}")
+
+
+def with_dropout(model: nn.Module, dropout: float) -> nn.Module:
+    """The same model and weights with another dropout rate (fine-tuning may want more than pretraining)."""
+    rebuilt = build_model({**model_config(model), "dropout": dropout})
+    rebuilt.load_state_dict(model.state_dict())
+    return rebuilt

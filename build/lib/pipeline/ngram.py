@@ -1,0 +1,41 @@
+"""Count-based baselines for the language model: add-one unigram and add-k bigram of the train split."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.shards import TokenShards
+
+
+def token_counts(shards: TokenShards, vocab_size: int) -> np.ndarray:
+    return sum(np.bincount(a, minlength=vocab_size) for a in shards.arrays).astype(np.float64)
+
+
+def unigram_bits_per_token(train: TokenShards, heldout: TokenShards, vocab_size: int) -> float:
+    """Cross-entropy (bits per token) of the held-out tokens under add-one unigram counts of train."""
+    counts = token_counts(train, vocab_size) + 1
+    log_p = np.log2(counts / counts.sum())
+    heldout_counts = token_counts(heldout, vocab_size)
+    return float(-(heldout_counts * log_p).sum() / heldout_counts.sum())
+
+
+def pair_keys(shards: TokenShards, vocab_size: int, first: int | None = None) -> np.ndarray:
+    """previous * V + next for every adjacent pair of the split (across shard boundaries too), or of
+    its `first` tokens only."""
+    tokens = np.concatenate([a.astype(np.int64) for a in shards.arrays])[:first]
+    return tokens[:-1] * vocab_size + tokens[1:]
+
+
+def bigram_bits_per_token(train: TokenShards, heldout: TokenShards, vocab_size: int, k: float,
+                          train_tokens: int | None = None) -> float:
+    """Cross-entropy (bits per predicted token) of held-out pairs under add-k bigram counts of train
+    (of its first `train_tokens` tokens, when given):
+    p(next | prev) = (c(prev, next) + k) / (c(prev) + k V)."""
+    keys, counts = np.unique(pair_keys(train, vocab_size, train_tokens), return_counts=True)
+    context_counts = np.bincount(keys // vocab_size, weights=counts, minlength=vocab_size)
+    queries = pair_keys(heldout, vocab_size)
+    found = np.searchsorted(keys, queries)
+    found = np.minimum(found, len(keys) - 1)
+    pair_count = np.where(keys[found] == queries, counts[found], 0)
+    p = (pair_count + k) / (context_counts[queries // vocab_size] + k * vocab_size)
+    return float(-np.log2(p).mean())

@@ -1,0 +1,378 @@
+"""Clean stage: raw sources -> deduplicated, filtered, split Parquet corpora and a report.
+
+Outputs (schemas in DESIGN.md), written atomically into `paths.clean`:
+- `corpus.parquet`: id, source, text, split — the pretraining corpus (sources without labels);
+- `labeled.parquet`: id, source, text, split, label — the labeled set;
+`paths.splits/splits.parquet` (source, key, split): the split of every document ever seen, which
+the next run reads so that no document changes split as its source grows (DVC keeps it: `persist`);
+and `metrics/clean.json`: documents in and out per source and per filter, repairs, characters,
+split sizes and the label distribution per split.
+
+The split: a document seen before keeps its split. New documents, taken in the order of a salted
+hash of their key (a page title, else the content id), each go to the split furthest below its
+ratio, so every source's split sizes stay within one document of the ratios however small it is.
+A fixed hash threshold alone cannot promise that: 106 articles drew 78.3 / 8.5 / 13.2.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+import zlib
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datasketch import MinHash, MinHashLSH
+
+from pipeline.config import Config, Dedup, Filters, Source, Split, project_root
+from pipeline.files import InputError, atomic_dir, atomic_path, resolve_paths, write_json
+from pipeline.progress import Progress
+from pipeline.sources import RawDoc, read_source
+from pipeline.stagecli import stage_main
+from pipeline.textfix import PROSE_PUNCTUATION, has_mojibake, repair, wikitext_to_text
+
+SPLITS = ("train", "val", "test")
+WORD = re.compile(r"\w+")
+CORPUS_FILE = "corpus.parquet"
+LABELED_FILE = "labeled.parquet"
+SPLITS_FILE = "splits.parquet"
+
+
+@dataclass(frozen=True, slots=True)
+class CleanDoc:
+    text: str
+    label: str | None
+    where: str
+    repairs: tuple[str, ...]
+    split_key: str | None
+    key: str  # the normalised text dedup compares
+    id: str  # a hash of the key
+    signature: np.ndarray | None  # its MinHash, when near-dedup is on
+    failed: str | None  # the first quality filter it fails
+
+
+@dataclass
+class SourceReport:
+    files: int = 0
+    documents_in: int = 0
+    documents_out: int = 0
+    characters_out: int = 0
+    removed: Counter[str] = field(default_factory=Counter)
+    repairs: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class OutputSet:
+    """Documents kept for one output file, with the dedup indexes that guard it."""
+
+    dedup: Dedup
+    rows: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
+    seen_keys: set[str] = field(default_factory=set)
+    lsh: MinHashLSH | None = None  # built on first use: choosing its bands takes a moment
+
+    def duplicate_of_earlier(self, doc: CleanDoc) -> str | None:
+        """'exact_duplicate', 'near_duplicate' or None (and remember the document when new)."""
+        if self.dedup.exact and doc.key in self.seen_keys:
+            return "exact_duplicate"
+        self.seen_keys.add(doc.key)
+        if not self.dedup.near or doc.signature is None:
+            return None
+        if self.lsh is None:
+            self.lsh = MinHashLSH(threshold=self.dedup.threshold, num_perm=self.dedup.num_perm)
+        _, scheme = minhash_template(self.dedup.num_perm, self.dedup.seed)
+        minhash = MinHash(num_perm=self.dedup.num_perm, hashvalues=doc.signature, scheme=scheme)
+        if self.lsh.query(minhash):
+            return "near_duplicate"
+        self.lsh.insert(doc.id, minhash, check_duplication=False)
+        return None
+
+
+# ---------------------------------------------------------------- pure per-document functions
+
+
+def normalized_key(text: str) -> str:
+    """The text as dedup compares it: case-folded words, punctuation and spacing ignored."""
+    return " ".join(WORD.findall(text.casefold()))
+
+
+def shingles(key: str, size: int) -> set[str]:
+    words = key.split()
+    if len(words) <= size:
+        return {key}
+    return {" ".join(words[i : i + size]) for i in range(len(words) - size + 1)}
+
+
+def crc32_hash(data: bytes) -> int:
+    return zlib.crc32(data)  # deterministic across processes, and far cheaper than sha1
+
+
+@functools.cache
+def minhash_template(num_perm: int, seed: int) -> tuple[Any, str]:
+    """The permutations (and their scheme) every MinHash of one dedup config shares."""
+    template = MinHash(num_perm=num_perm, seed=seed)
+    return template.permutations, template.scheme
+
+
+def minhash_signature(key: str, dedup: Dedup) -> np.ndarray:
+    permutations, scheme = minhash_template(dedup.num_perm, dedup.seed)
+    minhash = MinHash(num_perm=dedup.num_perm, permutations=permutations, scheme=scheme, hashfunc=crc32_hash)
+    minhash.update_batch([s.encode() for s in shingles(key, dedup.shingle_words)])
+    return minhash.hashvalues
+
+
+def document_id(key: str) -> str:
+    """A stable content hash: the same normalised text always gets the same id."""
+    return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+
+
+def split_order(key: str, cfg: Split) -> bytes:
+    return hashlib.sha256(f"{cfg.salt}:{key}".encode()).digest()
+
+
+def assign_splits(keys: Iterable[str], known: dict[str, str], cfg: Split) -> dict[str, str]:
+    """The split of each key of one source: `known` ones keep theirs; new ones, in salted-hash order,
+    go each to the split with the largest deficit ratio * total - count (ties: train, val, test)."""
+    ratios = {"train": cfg.train, "val": cfg.val, "test": cfg.test}
+    keys = set(keys)
+    splits = {k: known[k] for k in keys if k in known}
+    counts = Counter(splits.values())
+    total = len(splits)
+    for key in sorted(keys - splits.keys(), key=lambda k: split_order(k, cfg)):
+        total += 1
+        split = max(SPLITS, key=lambda s: ratios[s] * total - counts[s])
+        counts[split] += 1
+        splits[key] = split
+    return splits
+
+
+def split_draw(cfg: Split) -> bytes:
+    """What a split manifest was drawn with: a manifest drawn otherwise is redrawn, not followed."""
+    return json.dumps(cfg.model_dump(), sort_keys=True).encode()
+
+
+def read_split_manifest(path: Path | None, cfg: Split) -> dict[tuple[str, str], str]:
+    """(source, key) -> split from an earlier run, or {} when there is none or it used other ratios/salt."""
+    if path is None or not path.exists():
+        return {}
+    table = pq.read_table(path)
+    if (table.schema.metadata or {}).get(b"draw") != split_draw(cfg):
+        return {}
+    columns = table.to_pydict()
+    return dict(zip(zip(columns["source"], columns["key"], strict=True), columns["split"], strict=True))
+
+
+def write_split_manifest(path: Path, splits: dict[tuple[str, str], str], cfg: Split) -> None:
+    rows = sorted(splits.items())
+    table = pa.table({"source": [s for (s, _), _ in rows], "key": [k for (_, k), _ in rows],
+                      "split": [v for _, v in rows]}, schema=pa.schema(
+        [("source", pa.string()), ("key", pa.string()), ("split", pa.string())],
+        metadata={"draw": split_draw(cfg)}))
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def split_rows(sets: Iterable[OutputSet], manifest: dict[tuple[str, str], str], cfg: Split) -> None:
+    """Fill each output set's `split` column, source by source; add new assignments to `manifest`."""
+    for out in sets:
+        for source in dict.fromkeys(out.rows["source"]):
+            keys = [k for k, s in zip(out.rows["split_key"], out.rows["source"], strict=True) if s == source]
+            known = {k: v for (s, k), v in manifest.items() if s == source}
+            manifest.update({(source, k): v for k, v in assign_splits(keys, known, cfg).items()})
+        out.rows["split"] = [manifest[s, k] for s, k in zip(out.rows["source"], out.rows["split_key"],
+                                                             strict=True)]
+
+
+def effective_filters(source: Source, filters: Filters) -> Filters:
+    overrides = source.filters.model_dump(exclude_none=True)
+    return filters.model_copy(update=overrides)
+
+
+def failed_filter(text: str, f: Filters) -> str | None:
+    """The name of the first quality filter the text fails, or None."""
+    if not text:
+        return "empty"
+    if len(text) < f.min_chars:
+        return "min_chars"
+    if len(text) > f.max_chars:
+        return "max_chars"
+    if len(text.split()) < f.min_words:
+        return "min_words"
+    visible = len(text) - sum(map(str.isspace, text))
+    nonletter = visible - sum(map(str.isalpha, text))
+    if visible and nonletter / visible > f.max_nonletter_ratio:
+        return "max_nonletter_ratio"
+    lines = [ln for ln in text.split("\n") if ln.strip()]
+    if len(lines) > 1 and (len(lines) - len(set(lines))) / len(lines) > f.max_repeated_line_ratio:
+        return "max_repeated_line_ratio"
+    return None
+
+
+def clean_document(doc: RawDoc, dedup: Dedup | None = None, filters: Filters | None = None) -> CleanDoc:
+    """Everything done to one document on its own (in a worker): prose, repairs, dedup key and id,
+    MinHash, quality filters."""
+    text = wikitext_to_text(doc.text) if doc.kind == "wikitext" else doc.text
+    text, made = repair(text)
+    key = normalized_key(text)
+    signature = minhash_signature(key, dedup) if dedup is not None and dedup.near else None
+    failed = failed_filter(text, filters) if filters is not None else None
+    return CleanDoc(text, doc.label, doc.where, tuple(made), doc.split_key, key, document_id(key),
+                    signature, failed)
+
+
+def _clean_batch(batch: list[RawDoc], dedup: Dedup, filters: Filters | None = None) -> list[CleanDoc]:
+    return [clean_document(d, dedup, filters) for d in batch]
+
+
+def batched(items: Iterable[RawDoc], size: int) -> Iterator[list[RawDoc]]:
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def read_all(source: Source, raw_dir: Path, report: SourceReport) -> Iterator[RawDoc]:
+    paths = resolve_paths(str(raw_dir / source.name))
+    report.files = len(paths)
+    for path in paths:
+        yield from read_source(source, path)
+
+
+def split_summary(rows: dict[str, list[Any]], labeled: bool) -> dict[str, Any]:
+    total = len(rows["id"])
+    summary: dict[str, Any] = {"documents": total, "characters": sum(map(len, rows["text"])), "splits": {}}
+    for split in SPLITS:
+        idx = [i for i, s in enumerate(rows["split"]) if s == split]
+        entry: dict[str, Any] = {
+            "documents": len(idx),
+            "share": round(len(idx) / total, 4) if total else 0.0,
+            "characters": sum(len(rows["text"][i]) for i in idx),
+        }
+        if labeled:
+            entry["labels"] = dict(sorted(Counter(rows["label"][i] for i in idx).items()))
+        summary["splits"][split] = entry
+    return summary
+
+
+def to_table(rows: dict[str, list[Any]], labeled: bool) -> pa.Table:
+    columns = ["id", "source", "text", "split"] + (["label"] if labeled else [])
+    return pa.table({c: pa.array(rows[c], type=pa.string()) for c in columns})
+
+
+def run(
+    cfg: Config, raw_dir: Path, out_dir: Path, metrics_path: Path, splits_path: Path | None = None
+) -> dict[str, Any]:
+    """Clean every source ingested under `raw_dir` into `out_dir`, write the report to
+    `metrics_path` and return it. `splits_path`: the split manifest to follow and extend (None: none)."""
+    clean_cfg = cfg.data.clean
+    started = time.perf_counter()
+    sets = {"corpus": OutputSet(clean_cfg.dedup), "labeled": OutputSet(clean_cfg.dedup)}
+    reports: dict[str, SourceReport] = {}
+    workers = clean_cfg.workers or os.cpu_count() or 1
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        for source in cfg.data.sources:
+            report = reports[source.name] = SourceReport()
+            target = sets["labeled" if source.labeled else "corpus"]
+            filters = effective_filters(source, clean_cfg.filters)
+            batches = batched(read_all(source, raw_dir, report), clean_cfg.batch_pages)
+            progress = Progress(f"clean {source.name}", None, "doc")
+            work = functools.partial(_clean_batch, dedup=clean_cfg.dedup, filters=filters)
+            for cleaned in pool.imap(work, batches):
+                for doc in cleaned:
+                    report.documents_in += 1
+                    report.repairs.update(doc.repairs)
+                    reason = "missing_label" if source.labeled and doc.label is None else None
+                    reason = reason or doc.failed or target.duplicate_of_earlier(doc)
+                    if reason:
+                        report.removed[reason] += 1
+                        continue
+                    report.documents_out += 1
+                    report.characters_out += len(doc.text)
+                    row = {"id": doc.id, "source": source.name, "text": doc.text,
+                           "split_key": doc.split_key or doc.id, "label": doc.label}
+                    for column, value in row.items():
+                        target.rows[column].append(value)
+                progress.update(len(cleaned))
+            progress.close()
+            if report.documents_in == 0:
+                raise InputError(f"source '{source.name}' ({source.path}): yielded no documents")
+            if report.documents_out == 0:
+                removed = ", ".join(f"{k} {v}" for k, v in report.removed.most_common())
+                raise InputError(
+                    f"source '{source.name}': all {report.documents_in} documents were removed ({removed})"
+                )
+
+    manifest = read_split_manifest(splits_path, clean_cfg.split)
+    split_rows(sets.values(), manifest, clean_cfg.split)
+    labeled_texts = sets["labeled"].rows["text"]
+    metrics: dict[str, Any] = {
+        "sources": {
+            name: {
+                "files": r.files,
+                "documents_in": r.documents_in,
+                "documents_out": r.documents_out,
+                "characters_out": r.characters_out,
+                "removed": dict(sorted(r.removed.items())),
+                "repairs": dict(sorted(r.repairs.items())),
+            }
+            for name, r in reports.items()
+        },
+        "corpus": split_summary(sets["corpus"].rows, labeled=False),
+        "labeled": split_summary(sets["labeled"].rows, labeled=True),
+        "quality": {
+            "labeled_with_mojibake": sum(map(has_mojibake, labeled_texts)),
+            "labeled_with_other_non_ascii": sum(
+                any(not c.isascii() and c not in PROSE_PUNCTUATION for c in t) for t in labeled_texts
+            ),
+        },
+    }
+    with atomic_dir(out_dir) as tmp:
+        for name, filename in (("corpus", CORPUS_FILE), ("labeled", LABELED_FILE)):
+            labeled = name == "labeled"
+            pq.write_table(to_table(sets[name].rows, labeled), tmp / filename, compression="zstd",
+                           row_group_size=clean_cfg.row_group_rows)
+    if splits_path is not None:
+        write_split_manifest(splits_path, manifest, clean_cfg.split)
+    write_json(metrics_path, metrics)
+    metrics["seconds"] = round(time.perf_counter() - started, 2)
+    return metrics
+
+
+def execute(cfg: Config) -> str:
+    """The stage as DVC runs it: paths from params, one MLflow run, a summary line."""
+    from pipeline import tracking
+
+    raw_dir = project_root() / cfg.paths.raw
+    out_dir = project_root() / cfg.paths.clean
+    metrics_path = project_root() / cfg.paths.metrics / "clean.json"
+    splits_path = project_root() / cfg.paths.splits / SPLITS_FILE
+    with tracking.stage_run("clean", cfg.tracking, cfg.data.model_dump(), {"raw": raw_dir},
+                            {"clean": out_dir}) as run_log:
+        metrics = run(cfg, raw_dir, out_dir, metrics_path, splits_path)
+        run_log.log_metrics(tracking.numeric_leaves(metrics))
+        run_log.log_artifact(metrics_path)
+    corpus, labeled = metrics["corpus"], metrics["labeled"]
+    return (f"clean: corpus {corpus['documents']} documents ({corpus['characters']:,} chars), "
+            f"labeled {labeled['documents']} documents, {metrics['seconds']} s -> {out_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("clean", __doc__, execute, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

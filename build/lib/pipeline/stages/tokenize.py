@@ -1,0 +1,278 @@
+"""Tokenize stage: a byte-level BPE trained on the train split, the corpus encoded into token shards,
+and the labeled set encoded for classification.
+
+Outputs:
+- `paths.tokenizer/tokenizer.json`: loads with `tokenizers.Tokenizer.from_file` and with
+  `transformers.PreTrainedTokenizerFast(tokenizer_file=...)`, giving the same ids;
+- `paths.tokens/<split>/<split>-NNNNN.arrow`: fixed-size shards (see `pipeline/shards.py`);
+- `paths.tokens/labeled/<split>.arrow`: `ids` (list of ids, truncated) and `label` (int) per example,
+  with `labels.json` mapping label names to ints (from the train split, sorted);
+- `paths.tokens/manifest.json` (every shard's sha256, tokens, documents, dtype; totals) and
+  `metrics/tokenize.json` (tokens per split, bytes per token, vocabulary size).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from pipeline.config import Config, Tokenize, project_root
+from pipeline.files import InputError, atomic_dir, file_digest, write_json
+from pipeline.progress import Progress
+from pipeline.shards import MANIFEST, write_shard
+from pipeline.stagecli import stage_main
+
+SPLITS = ("train", "val", "test")
+BYTE_ALPHABET = 256
+CORPUS_FILE = "corpus.parquet"
+LABELED_FILE = "labeled.parquet"
+READ_BATCH = 1024
+
+
+def read_texts(path: Path, split: str, batch: int = READ_BATCH) -> Iterator[list[str]]:
+    """The texts of one split, streamed in file order, a batch at a time."""
+    table = pq.ParquetFile(path)
+    for record_batch in table.iter_batches(columns=["text", "split"], batch_size=batch):
+        texts, splits = record_batch.column(0).to_pylist(), record_batch.column(1).to_pylist()
+        chosen = [t for t, s in zip(texts, splits, strict=True) if s == split]
+        if chosen:
+            yield chosen
+
+
+def pretraining_texts(corpus: Path, labeled: Path, split: str, cfg: Tokenize,
+                      batch: int = READ_BATCH) -> Iterator[list[str]]:
+    """The corpus texts of a split, then (train only, with `include_labeled_train`) the labeled texts."""
+    yield from read_texts(corpus, split, batch)
+    if split == "train" and cfg.include_labeled_train:
+        yield from read_texts(labeled, split, batch)
+
+
+def train_tokenizer(corpus: Path, labeled: Path, cfg: Tokenize) -> Tokenizer:
+    """Byte-level BPE on the train split only; no normaliser, so decoding gives the text back exactly."""
+    specials = [cfg.eot_token, cfg.pad_token, cfg.mask_token]
+    if cfg.vocab_size < BYTE_ALPHABET + len(specials):
+        raise InputError(
+            f"tokenize.vocab_size {cfg.vocab_size} is too small: the byte alphabet ({BYTE_ALPHABET}) "
+            f"plus {len(specials)} special tokens need at least {BYTE_ALPHABET + len(specials)}"
+        )
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    texts = (t for batch in pretraining_texts(corpus, labeled, "train", cfg) for t in batch)
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
+def load_tokenizer(path: Path, cfg: Tokenize) -> Tokenizer:
+    if not path.exists():
+        raise InputError(f"{path}: tokenizer file not found (tokenize.tokenizer_file)")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for unparsable files
+        raise InputError(f"{path}: not a tokenizer.json that tokenizers can load: {exc}") from None
+    for token in (cfg.eot_token, cfg.pad_token):
+        if tokenizer.token_to_id(token) is None:
+            raise InputError(f"{path}: the tokenizer has no '{token}' token")
+    return tokenizer
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+class ShardWriter:
+    """Appends documents of one split and writes a shard every `shard_tokens` tokens."""
+
+    def __init__(self, out_dir: Path, split: str, eot: int, cfg: Tokenize, dtype: np.dtype) -> None:
+        self.out_dir, self.split, self.eot, self.cfg, self.dtype = out_dir, split, eot, cfg, dtype
+        (out_dir / split).mkdir(parents=True)
+        self.shards: list[dict[str, Any]] = []
+        self.pending: list[np.ndarray] = []
+        self.pending_tokens = 0
+        self.text_bytes = 0
+        self.corpus_tokens: int | None = None  # where the corpus ends, when labeled texts follow
+
+    def written(self) -> int:
+        return sum(s["tokens"] for s in self.shards) + self.pending_tokens
+
+    def add(self, texts: list[str], encodings: list[Any]) -> None:
+        self.text_bytes += sum(len(t.encode()) for t in texts)
+        end = np.asarray([self.eot], dtype=self.dtype)
+        for encoding in encodings:
+            self.pending += [np.asarray(encoding.ids, dtype=self.dtype), end]
+            self.pending_tokens += len(encoding.ids) + 1
+        while self.pending_tokens >= self.cfg.shard_tokens:
+            joined = np.concatenate(self.pending)
+            self.flush(joined[: self.cfg.shard_tokens])
+            self.pending = [joined[self.cfg.shard_tokens :]]
+            self.pending_tokens = len(joined) - self.cfg.shard_tokens
+
+    def flush(self, tokens: np.ndarray) -> None:
+        name = f"{self.split}/{self.split}-{len(self.shards):05d}.arrow"
+        write_shard(self.out_dir / name, tokens)
+        self.shards.append({
+            "split": self.split, "file": name, "sha256": file_digest(self.out_dir / name),
+            "tokens": len(tokens), "documents": int(np.count_nonzero(tokens == self.eot)),
+            "dtype": self.dtype.name,
+        })
+
+    def close(self, corpus: Path) -> list[dict[str, Any]]:
+        if self.pending_tokens:
+            self.flush(np.concatenate(self.pending))
+            self.pending, self.pending_tokens = [], 0
+        if not self.shards:
+            raise InputError(f"{corpus}: split '{self.split}' holds no documents")
+        return self.shards
+
+
+def encode_corpus(
+    tokenizer: Tokenizer, corpus: Path, labeled: Path, out_dir: Path, cfg: Tokenize, dtype: np.dtype
+) -> dict[str, ShardWriter]:
+    """One streaming pass over the corpus, every split into its own fixed-size shards (then, with
+    `include_labeled_train`, the labeled train texts appended to the train shards)."""
+    eot = tokenizer.token_to_id(cfg.eot_token)
+    writers = {split: ShardWriter(out_dir, split, eot, cfg, dtype) for split in SPLITS}
+    progress = Progress("tokenize", None, "doc")
+    batches = pq.ParquetFile(corpus).iter_batches(columns=["text", "split"], batch_size=cfg.batch_documents)
+    for batch in batches:
+        texts, splits = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+        # encode_batch_fast: the same ids, without the character offsets nothing here uses
+        encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        for split, writer in writers.items():
+            chosen = [i for i, s in enumerate(splits) if s == split]
+            if chosen:
+                writer.add([texts[i] for i in chosen], [encodings[i] for i in chosen])
+        progress.update(len(texts))
+    if cfg.include_labeled_train:
+        writers["train"].corpus_tokens = writers["train"].written()
+        for texts in read_texts(labeled, "train", cfg.batch_documents):
+            writers["train"].add(texts, tokenizer.encode_batch_fast(texts, add_special_tokens=False))
+            progress.update(len(texts))
+    progress.close()
+    for writer in writers.values():
+        writer.close(corpus)
+    return writers
+
+
+def encode_labeled(tokenizer: Tokenizer, labeled: Path, out_dir: Path, cfg: Tokenize) -> dict[str, Any]:
+    """Ids per example (truncated at max_length) and integer labels, one Arrow file per split."""
+    table = pq.read_table(labeled, columns=["text", "split", "label"]).to_pydict()
+    train_labels = {lab for lab, s in zip(table["label"], table["split"], strict=True) if s == "train"}
+    if not train_labels:
+        raise InputError(f"{labeled}: the labeled set has no train examples")
+    mapping = {name: i for i, name in enumerate(sorted(train_labels))}
+    (out_dir / "labeled").mkdir()
+    write_json(out_dir / "labeled" / "labels.json", mapping)
+    summary: dict[str, Any] = {"labels": mapping, "splits": {}}
+    for split in SPLITS:
+        rows = [i for i, s in enumerate(table["split"]) if s == split]
+        unseen = sorted({table["label"][i] for i in rows} - train_labels)
+        if unseen:
+            raise InputError(f"{labeled}: labels {unseen} appear in {split} but never in train")
+        encodings = tokenizer.encode_batch_fast([table["text"][i] for i in rows], add_special_tokens=False)
+        ids = [e.ids[: cfg.max_length] for e in encodings]
+        labels = [mapping[table["label"][i]] for i in rows]
+        dtype = pa.uint16() if tokenizer.get_vocab_size() <= 2**16 else pa.uint32()
+        batch = pa.record_batch([pa.array(ids, type=pa.list_(dtype)), pa.array(labels, type=pa.int32())],
+                                names=["ids", "label"])
+        with pa.OSFile(str(out_dir / "labeled" / f"{split}.arrow"), "wb") as sink, \
+                pa.ipc.new_file(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+        summary["splits"][split] = {
+            "examples": len(rows), "truncated": sum(len(e.ids) > cfg.max_length for e in encodings),
+        }
+    return summary
+
+
+def run(
+    cfg: Config, clean_dir: Path, tokenizer_dir: Path, tokens_dir: Path, metrics_path: Path
+) -> dict[str, Any]:
+    """Train (or load) the tokenizer and encode every split; returns the metrics written."""
+    tok_cfg = cfg.tokenize
+    started = time.perf_counter()
+    corpus, labeled = clean_dir / CORPUS_FILE, clean_dir / LABELED_FILE
+    for path in (corpus, labeled):
+        if not path.exists():
+            raise InputError(f"{path}: clean output not found (run the clean stage)")
+    if tok_cfg.tokenizer_file:
+        tokenizer = load_tokenizer(project_root() / tok_cfg.tokenizer_file, tok_cfg)
+    else:
+        tokenizer = train_tokenizer(corpus, labeled, tok_cfg)
+    vocab_size = tokenizer.get_vocab_size()
+    dtype = token_dtype(vocab_size)
+    with atomic_dir(tokenizer_dir) as tok_tmp, atomic_dir(tokens_dir) as tmp:
+        tokenizer.save(str(tok_tmp / "tokenizer.json"))
+        writers = encode_corpus(tokenizer, corpus, labeled, tmp, tok_cfg, dtype)
+        shards = [shard for split in SPLITS for shard in writers[split].shards]
+        text_bytes = {split: writers[split].text_bytes for split in SPLITS}
+        labeled_summary = encode_labeled(tokenizer, labeled, tmp, tok_cfg)
+        totals = {
+            split: {"tokens": sum(s["tokens"] for s in shards if s["split"] == split),
+                    "documents": sum(s["documents"] for s in shards if s["split"] == split),
+                    "shards": sum(s["split"] == split for s in shards),
+                    "text_bytes": text_bytes[split],
+                    # the first tokens of the split that are corpus text (the rest: labeled train texts)
+                    "corpus_tokens": writers[split].corpus_tokens or writers[split].written()}
+            for split in SPLITS
+        }
+        manifest = {
+            "tokenizer_sha256": file_digest(tok_tmp / "tokenizer.json"),
+            "vocab_size": vocab_size, "dtype": dtype.name, "shard_tokens": tok_cfg.shard_tokens,
+            "eot_id": tokenizer.token_to_id(tok_cfg.eot_token),
+            "pad_id": tokenizer.token_to_id(tok_cfg.pad_token),
+            "mask_id": tokenizer.token_to_id(tok_cfg.mask_token),  # None in a reused tokenizer without it
+            "shards": shards, "totals": totals, "labeled": labeled_summary,
+        }
+        write_json(tmp / MANIFEST, manifest)
+    text_tokens = {s: totals[s]["tokens"] - totals[s]["documents"] for s in SPLITS}  # without EOT
+    metrics = {
+        "vocab_size": vocab_size,
+        "tokens": {split: totals[split]["tokens"] for split in SPLITS},
+        "documents": {split: totals[split]["documents"] for split in SPLITS},
+        "bytes_per_token": {s: round(text_bytes[s] / max(text_tokens[s], 1), 4) for s in SPLITS},
+        "labeled_examples": {s: v["examples"] for s, v in labeled_summary["splits"].items()},
+        "labeled_truncated": {s: v["truncated"] for s, v in labeled_summary["splits"].items()},
+    }
+    write_json(metrics_path, metrics)
+    metrics["seconds"] = round(time.perf_counter() - started, 2)
+    return metrics
+
+
+def execute(cfg: Config) -> str:
+    """The stage as DVC runs it: paths from params, one MLflow run, a summary line."""
+    from pipeline import tracking
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    clean_dir = project_root() / cfg.paths.clean
+    tokenizer_dir, tokens_dir = project_root() / cfg.paths.tokenizer, project_root() / cfg.paths.tokens
+    metrics_path = project_root() / cfg.paths.metrics / "tokenize.json"
+    outputs = {"tokenizer": tokenizer_dir, "tokens": tokens_dir}
+    with tracking.stage_run("tokenize", cfg.tracking, cfg.tokenize.model_dump(), {"clean": clean_dir},
+                            outputs) as run_log:
+        metrics = run(cfg, clean_dir, tokenizer_dir, tokens_dir, metrics_path)
+        run_log.log_metrics(tracking.numeric_leaves(metrics))
+        run_log.log_artifact(tokenizer_dir / "tokenizer.json", "tokenizer")
+        run_log.log_artifact(tokens_dir / MANIFEST, "tokens")
+    return (f"tokenize: vocab {metrics['vocab_size']}, tokens {metrics['tokens']}, "
+            f"{metrics['seconds']} s -> {tokens_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("tokenize", __doc__, execute, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
