@@ -180,6 +180,18 @@ def print_chain(chain: dict[str, Any]) -> None:
 
 
 @app.command()
+def status() -> None:
+    """Which stages `pipeline run` would rerun, and why (code, params, data, outputs, upstream)."""
+    from pipeline.status import render, stale_stages
+
+    root = project_root()
+    if not (root / "dvc.yaml").exists():
+        typer.echo(f"error: {root}: no dvc.yaml here or above", err=True)
+        raise typer.Exit(2)
+    typer.echo(render(*stale_stages(root)))
+
+
+@app.command()
 def run(
     stage: Annotated[str | None, typer.Argument(help="stop after this DVC stage (default: all)")] = None,
     force: Annotated[bool, typer.Option(help="rerun even when nothing changed")] = False,

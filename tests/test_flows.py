@@ -20,6 +20,7 @@ from flows import retrain as retrain_module
 from pipeline import lineage
 from pipeline.config import load_config, project_root
 from pipeline.files import InputError, file_digest, resolve_package_path
+from pipeline.status import render, stale_stages
 
 REPO = project_root(Path(__file__).parent)  # the checkout these tests belong to
 
@@ -113,6 +114,20 @@ def test_the_flow_runs_every_stage_then_finds_nothing_to_retrain(prefect_server,
     assert state.name == "NothingToRetrain"
     assert state.result()["outcome"] == "nothing to retrain"
     assert yaml.safe_load((project / "dvc.lock").read_text()) == lock  # nothing ran
+
+    # `pipeline status`: nothing to rerun; then a word2vec param: its two stages and evaluate, no other
+    stale, fresh = stale_stages(project)
+    assert not [s.name for s in stale if s.reasons] and {"evaluate", "skipgram"} <= set(fresh)
+    params_text = (project / "params.yaml").read_text()
+    changed = yaml.safe_load(params_text)
+    changed["word2vec"]["epochs"] = 3
+    (project / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+    stale, _ = stale_stages(project)
+    reasons = {s.name: set(s.reasons) for s in stale if s.reasons}
+    assert reasons == {"skipgram": {("params", "word2vec")}, "cbow": {("params", "word2vec")},
+                       "evaluate": {("upstream", "skipgram"), ("upstream", "cbow")}}
+    assert "skipgram  params: word2vec\n" in render(*stale_stages(project))
+    (project / "params.yaml").write_text(params_text)
 
     # a params override (as `dvc exp run -S` takes it) is a change: finetune reruns, and evaluate after it
     result = retrain_module.retrain(project=str(project), overrides=["finetune.seed=7"], margin=1.0)

@@ -231,7 +231,8 @@ def execute(cfg: Config, unit: str = "word") -> str:
         run_log.log_artifact(out_dir / VECTORS_FILE, "embeddings")
     scores = ", ".join(f"{k} {metrics[k].get('spearman', metrics[k].get('accuracy'))}"
                        for k in ("wordsim353", "simlex999", "analogy") if k in metrics)
-    return f"{stage}: loss {metrics['loss']}, {metrics['seconds_per_epoch']} s/epoch {scores} -> {out_dir}"
+    scores = f", {scores}" if scores else ""
+    return f"{stage}: loss {metrics['loss']}, {metrics['seconds_per_epoch']} s/epoch{scores} -> {out_dir}"
 
 
 def main(argv: list[str] | None = None) -> int:
