@@ -21,7 +21,7 @@ import yaml
 
 from pipeline.config import project_root
 from pipeline.files import InputError
-from pipeline.tracking import path_md5
+from pipeline.tracking import NotInStore, finished_stage_runs, model_version_tags, path_md5, run_tags
 
 WORD_STAGES = ("cooccur", "skipgram", "cbow")  # stages that read the clean text as words
 LOCK_FILE = "dvc.lock"
@@ -174,18 +174,11 @@ def mlflow_run_for(stage: StageRecord, tracking_uri: str | None) -> dict[str, st
     """The latest finished MLflow run of this stage whose output tags carry one of dvc.lock's md5s."""
     if tracking_uri is None or not stage.outs:
         return None
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    experiment_ids = [e.experiment_id for e in client.search_experiments()]
-    if not experiment_ids:
-        return None
     recorded = {o.md5 for o in stage.outs}
-    query = f"tags.stage = '{stage.name}' and attributes.status = 'FINISHED'"
-    for run in client.search_runs(experiment_ids, query, order_by=["attributes.start_time DESC"]):
-        if recorded & {v for k, v in run.data.tags.items() if k.startswith("output.")}:
-            return {"run_id": run.info.run_id, "git_commit": run.data.tags.get("git.commit", ""),
-                    "git_dirty": run.data.tags.get("git.dirty", "")}
+    for run_id, tags in finished_stage_runs(tracking_uri, stage.name):
+        if recorded & {v for k, v in tags.items() if k.startswith("output.")}:
+            return {"run_id": run_id, "git_commit": tags.get("git.commit", ""),
+                    "git_dirty": tags.get("git.dirty", "")}
     return None
 
 
@@ -206,21 +199,17 @@ def resolve_target(target: str, stages: dict[str, StageRecord], root: Path, trac
         return relative(target, root)
     if tracking_uri is None:
         raise InputError(f"{target}: resolving it needs MLflow tracking")
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
     try:
         if is_run_id:
-            tags = client.get_run(target).data.tags
+            tags = run_tags(tracking_uri, target)
             md5s = {v for k, v in tags.items() if k.startswith("output.") and k.endswith(".md5")}
         else:
-            name, _, ref = target.removeprefix("models:/").partition("@")
-            version = client.get_model_version_by_alias(name, ref) if ref else \
-                client.get_model_version(*name.split("/", 1))
-            md5s = {version.tags.get("md5", "")} - {""}
-    except MlflowException as exc:
-        raise InputError(f"{target}: not found in MLflow ({exc.message.splitlines()[0]})") from None
+            name, _, alias = target.removeprefix("models:/").partition("@")
+            name, _, version = name.partition("/")
+            tags = model_version_tags(tracking_uri, name, alias or None, version or None)
+            md5s = {tags["md5"]} if tags.get("md5") else set()
+    except NotInStore as exc:
+        raise InputError(f"{target}: not found in MLflow ({exc})") from None
     return output_with_md5(stages, md5s, target)
 
 

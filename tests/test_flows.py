@@ -17,7 +17,7 @@ from prefect import flow
 from prefect.testing.utilities import prefect_test_harness
 
 from flows import retrain as retrain_module
-from pipeline import lineage
+from pipeline import lineage, tracking
 from pipeline.config import load_config, project_root
 from pipeline.files import InputError, file_digest, resolve_package_path
 from pipeline.status import render, stale_stages
@@ -108,6 +108,19 @@ def test_the_flow_runs_every_stage_then_finds_nothing_to_retrain(prefect_server,
     assert all(registered["mlflow_runs"][stage] for stage in ("finetune", "evaluate"))
     with pytest.raises(InputError, match="not found in MLflow"):
         lineage.trace("0" * 32, root=project, tracking_uri=uri)
+    with pytest.raises(InputError, match="not found in MLflow"):
+        lineage.trace("models:/sentiment-classifier@nobody", root=project, tracking_uri=uri)
+    # lineage reads the SQLite store directly (no MLflow import): the same answers as MlflowClient's
+    champion = client.get_model_version_by_alias("sentiment-classifier", "champion")
+    assert tracking.model_version_tags(uri, "sentiment-classifier", "champion", None) == champion.tags
+    assert tracking.model_version_tags(uri, "sentiment-classifier", None, "1") == champion.tags
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    finished = "tags.stage = 'finetune' and attributes.status = 'FINISHED'"
+    newest_first = ["attributes.start_time DESC"]
+    ids = [r.info.run_id for r in client.search_runs(experiments, finished, order_by=newest_first)]
+    direct = list(tracking.finished_stage_runs(uri, "finetune"))
+    assert [run_id for run_id, _ in direct] == ids and ids
+    assert direct[0][1] == client.get_run(ids[0]).data.tags
     subprocess.run([sys.executable, "-m", "dvc", "checkout", "--force", "--quiet"], cwd=project, check=True)
 
     state = retrain_module.retrain(project=str(project), return_state=True)

@@ -60,9 +60,13 @@ def test_a_missing_params_file_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_a_non_editable_install_acts_on_the_current_project(tmp_path):
-    target = tmp_path / "site"
+    source, target = tmp_path / "source", tmp_path / "site"  # setuptools builds inside the source tree
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "pipeline", "flows"):
+        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
+        copy(REPO / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(REPO)], check=True, capture_output=True)
+                    "--target", str(target), str(source)], check=True, capture_output=True)
     installed = target / "pipeline" / "config.py"
     assert installed.exists() and not (target / "params.yaml").exists()
     project = other_project(tmp_path / "p", seed=11)

@@ -1,1 +1,0 @@
-"""Prefect flows: orchestration of the DVC stages (no ML logic here)."""
