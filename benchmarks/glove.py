@@ -50,10 +50,6 @@ from pipeline.stages import clean, cooccur, glove  # noqa: E402
 from pipeline.vectors import CORPUS_FILE, LABELED_FILE, train_texts  # noqa: E402
 
 
-def benchmark_files(cfg: Config) -> list[Path]:
-    return [resolve_package_path(spec) for spec in cfg.word_eval.benchmarks.model_dump().values()]
-
-
 def gensim_pages(cfg: Config) -> dict[str, str]:
     """Page title -> its text as gensim's WikiCorpus tokenizes it, for the first MediaWiki source."""
     from gensim.corpora.wikicorpus import WikiCorpus
@@ -81,7 +77,8 @@ def corpus_dir(cfg: Config, text: str, splits: str, labeled: bool, work: Path) -
 
 
 def quality(vectors: wordbench.WordVectors, cfg: Config) -> dict[str, Any]:
-    return wordbench.evaluate(vectors, *benchmark_files(cfg))
+    files = wordbench.benchmark_files(cfg.word_eval.benchmarks.model_dump(), ROOT)
+    return wordbench.evaluate(vectors, *files)
 
 
 def ours(cfg: Config, clean_dir: Path, work: Path) -> dict[str, Any]:

@@ -26,8 +26,6 @@ import os  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
-from gensim.models import Word2Vec  # noqa: E402
-
 from pipeline.config import Config, load_config  # noqa: E402
 from pipeline.stages import word2vec  # noqa: E402
 from pipeline.vectors import word_tables  # noqa: E402
@@ -39,13 +37,10 @@ def ours(cfg: Config, sentences: word2vec.TrainSentences, method: word2vec.Metho
 
 
 def gensim_alone(cfg: Config, sentences: list[list[str]], method: word2vec.Method) -> float:
-    w = cfg.word2vec
-    model = Word2Vec(vector_size=w.dim, window=w.window, min_count=w.min_count, sg=int(method == "skipgram"),
-                     negative=w.negative, hs=0, sample=w.sample, alpha=w.learning_rate,
-                     min_alpha=w.min_learning_rate, workers=w.workers or os.cpu_count() or 1, seed=w.seed)
+    model = word2vec.new_model(cfg, method)  # the stage's settings, without the stage's reader
     model.build_vocab(sentences)
     started = time.perf_counter()
-    _, raw_words = model.train(sentences, total_examples=model.corpus_count, epochs=w.epochs)
+    _, raw_words = model.train(sentences, total_examples=model.corpus_count, epochs=cfg.word2vec.epochs)
     return raw_words / (time.perf_counter() - started)
 
 

@@ -206,8 +206,9 @@ def run(
     with tracking.pipeline_run(load_config().tracking, "pipeline", {"trigger": "pipeline run"}) as parent:
         # stages run `python -m pipeline.<stage>`: make it this environment's python
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        code = subprocess.call(command, cwd=project_root(), env={**os.environ, "PATH": path})
-        lock_md5 = tracking.path_md5(project_root() / "dvc.lock")
+        root = project_root()
+        code = subprocess.call(command, cwd=root, env={**os.environ, "PATH": path})
+        lock_md5 = tracking.path_md5(root / "dvc.lock")
         parent.set_tags({"exit_code": str(code), "dvc.lock.md5": lock_md5})
     raise typer.Exit(code)
 

@@ -47,12 +47,13 @@ def stage_reasons(name: str, entries: list[Any]) -> StageStatus:
 def stale_stages(root: Path) -> tuple[list[StageStatus], list[str]]:
     """The stages that would rerun, in pipeline order, each with its reasons, and the stages that
     are up to date."""
+    import networkx as nx
     from dvc.repo import Repo
 
     with contextlib.chdir(root), Repo(str(root)) as repo:  # DVC reads some paths from the cwd
         graph = repo.index.graph  # an edge runs from a stage to a stage it depends on
         reported = repo.status()
-        order = [stage.name for stage in reversed(list(_topological(graph)))]
+        order = [stage.name for stage in reversed(list(nx.topological_sort(graph)))]
         needs = {s.name: [d.name for d in graph.successors(s)] for s in graph.nodes}
     found: dict[str, StageStatus] = {}
     for name in order:
@@ -63,12 +64,6 @@ def stale_stages(root: Path) -> tuple[list[StageStatus], list[str]]:
     stale = [found[name] for name in order if name in found]
     fresh = [name for name in order if name not in found]
     return stale, fresh
-
-
-def _topological(graph: Any) -> list[Any]:
-    import networkx as nx
-
-    return list(nx.topological_sort(graph))
 
 
 def render(stale: list[StageStatus], fresh: list[str]) -> str:

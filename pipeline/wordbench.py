@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import spearmanr
 
-from pipeline.files import InputError
+from pipeline.files import InputError, resolve_package_path
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,16 @@ class WordVectors:
 
     def index(self) -> dict[str, int]:
         return {w: i for i, w in enumerate(self.words)}
+
+
+def benchmark_files(specs: dict[str, str], root: Path) -> list[Path]:
+    """The evaluation files (`word_eval.benchmarks`: `pkg://` or project paths), checked to exist
+    before any training."""
+    files = [resolve_package_path(s) if s.startswith("pkg://") else root / s for s in specs.values()]
+    for path in files:
+        if not path.exists():
+            raise InputError(f"{path}: evaluation file not found (word_eval.benchmarks)")
+    return files
 
 
 def _lines(path: Path) -> list[str]:

@@ -356,10 +356,10 @@ def execute(cfg: Config) -> str:
     """The stage as DVC runs it: paths from params, one MLflow run, a summary line."""
     from pipeline import tracking
 
-    raw_dir = project_root() / cfg.paths.raw
-    out_dir = project_root() / cfg.paths.clean
-    metrics_path = project_root() / cfg.paths.metrics / "clean.json"
-    splits_path = project_root() / cfg.paths.splits / SPLITS_FILE
+    root = project_root()
+    raw_dir, out_dir = root / cfg.paths.raw, root / cfg.paths.clean
+    metrics_path = root / cfg.paths.metrics / "clean.json"
+    splits_path = root / cfg.paths.splits / SPLITS_FILE
     with tracking.stage_run("clean", cfg.tracking, cfg.data.model_dump(), {"raw": raw_dir},
                             {"clean": out_dir}) as run_log:
         metrics = run(cfg, raw_dir, out_dir, metrics_path, splits_path)

@@ -390,12 +390,13 @@ def execute(cfg: Config, unit: Unit = "word") -> str:
     """The stage as DVC runs it: `cooccur` on words, `cooccur_token` (`--unit token`) on BPE ids."""
     from pipeline import tracking
 
-    clean_dir, tokens_dir = project_root() / cfg.paths.clean, project_root() / cfg.paths.tokens
-    tokenizer_dir = project_root() / cfg.paths.tokenizer
+    root = project_root()
+    clean_dir, tokens_dir, tokenizer_dir = (root / p for p in (cfg.paths.clean, cfg.paths.tokens,
+                                                                cfg.paths.tokenizer))
     word = unit == "word"
     stage = "cooccur" if word else "cooccur_token"
-    out_dir = project_root() / (cfg.paths.cooccur if word else cfg.paths.cooccur_token)
-    metrics_path = project_root() / cfg.paths.metrics / f"{stage}.json"
+    out_dir = root / (cfg.paths.cooccur if word else cfg.paths.cooccur_token)
+    metrics_path = root / cfg.paths.metrics / f"{stage}.json"
     inputs = {"clean": clean_dir} if word else {"tokens": tokens_dir, "tokenizer": tokenizer_dir}
     with tracking.stage_run(stage, cfg.tracking, cfg.cooccur.model_dump(), inputs,
                             {"cooccur": out_dir}) as run_log:

@@ -212,9 +212,10 @@ def run(
     if (plots_dir / "glove_loss.csv").exists():
         plots["glove"] = curve_plot({"GloVe": plots_dir / "glove_loss.csv"}, "epoch", "weighted loss")
     hashes = {"git": git_state().get("git.commit", "-")}
+    root = project_root()
     hashes.update(
         {
-            str(p.relative_to(project_root())) if p.is_relative_to(project_root()) else str(p): path_md5(p)
+            str(p.relative_to(root)) if p.is_relative_to(root) else str(p): path_md5(p)
             for p in (lm_dir, classifier_dir, tokens_dir, clean_dir)
             if p.exists()
         }

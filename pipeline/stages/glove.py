@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from pipeline import wordbench
 from pipeline.config import Config, Glove, project_root
-from pipeline.files import InputError, atomic_dir, resolve_package_path, write_csv, write_json
+from pipeline.files import InputError, atomic_dir, write_csv, write_json
 from pipeline.progress import Progress
 from pipeline.stagecli import stage_main
 from pipeline.vectors import (
@@ -175,13 +175,8 @@ def run(cfg: Config, cooccur_dir: Path, out_dir: Path, metrics_dir: Path,
     `metrics/<stage>.json`, the loss curve to `metrics/plots/<stage>_loss.csv`)."""
     gcfg = cfg.glove
     vocab = read_vocabulary(cooccur_dir / VOCAB_FILE)
-    root = project_root()
-    benchmark_files = {name: resolve_package_path(spec) if spec.startswith("pkg://") else root / spec
-                       for name, spec in cfg.word_eval.benchmarks.model_dump().items()}
-    if vocab.token_ids is None:
-        for path in benchmark_files.values():
-            if not path.exists():
-                raise InputError(f"{path}: evaluation file not found (word_eval.benchmarks)")
+    benchmarks = cfg.word_eval.benchmarks.model_dump()
+    files = wordbench.benchmark_files(benchmarks, project_root()) if vocab.token_ids is None else []
     device = select_device(gcfg.device)
     triples = read_triples(cooccur_dir / COOCCUR_FILE, gcfg, device)
     if int(triples.rows.max()) >= len(vocab):
@@ -205,7 +200,7 @@ def run(cfg: Config, cooccur_dir: Path, out_dir: Path, metrics_dir: Path,
                                                    cfg.word_eval.neighbours),
     }
     if vocab.token_ids is None:
-        metrics.update(wordbench.evaluate(word_vectors, *benchmark_files.values()))
+        metrics.update(wordbench.evaluate(word_vectors, *files))
     write_json(metrics_dir / f"{stage}.json", metrics)
     write_csv(metrics_dir / "plots" / f"{stage}_loss.csv", ["epoch", "loss"],
               [(h["epoch"], h["loss"]) for h in history])
@@ -219,9 +214,10 @@ def execute(cfg: Config, unit: str = "word") -> str:
 
     word = unit == "word"
     stage = "glove" if word else "glove_token"
-    cooccur_dir = project_root() / (cfg.paths.cooccur if word else cfg.paths.cooccur_token)
-    out_dir = project_root() / (cfg.paths.glove if word else cfg.paths.glove_token)
-    metrics_dir = project_root() / cfg.paths.metrics
+    root = project_root()
+    cooccur_dir = root / (cfg.paths.cooccur if word else cfg.paths.cooccur_token)
+    out_dir = root / (cfg.paths.glove if word else cfg.paths.glove_token)
+    metrics_dir = root / cfg.paths.metrics
     with tracking.stage_run(stage, cfg.tracking, cfg.glove.model_dump(), {"cooccur": cooccur_dir},
                             {"glove": out_dir}) as run_log:
         metrics = run(cfg, cooccur_dir, out_dir, metrics_dir, stage)

@@ -256,9 +256,10 @@ def execute(cfg: Config) -> str:
     from pipeline import tracking
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    clean_dir = project_root() / cfg.paths.clean
-    tokenizer_dir, tokens_dir = project_root() / cfg.paths.tokenizer, project_root() / cfg.paths.tokens
-    metrics_path = project_root() / cfg.paths.metrics / "tokenize.json"
+    root = project_root()
+    clean_dir, tokens_dir = root / cfg.paths.clean, root / cfg.paths.tokens
+    tokenizer_dir = root / cfg.paths.tokenizer
+    metrics_path = root / cfg.paths.metrics / "tokenize.json"
     outputs = {"tokenizer": tokenizer_dir, "tokens": tokens_dir}
     with tracking.stage_run("tokenize", cfg.tracking, cfg.tokenize.model_dump(), {"clean": clean_dir},
                             outputs) as run_log:

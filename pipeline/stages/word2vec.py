@@ -35,8 +35,8 @@ from gensim.models.word2vec import MAX_WORDS_IN_BATCH, LineSentence
 from safetensors.torch import save_file
 
 from pipeline import wordbench
-from pipeline.config import Config, WordEval, project_root
-from pipeline.files import InputError, atomic_dir, resolve_package_path, write_json
+from pipeline.config import Config, project_root
+from pipeline.files import InputError, atomic_dir, write_json
 from pipeline.progress import Progress
 from pipeline.stagecli import stage_main
 from pipeline.vectors import TEXT_FILE, VECTORS_FILE, word_documents, word_tables, write_text_vectors
@@ -90,23 +90,19 @@ def stable_hash(text: str) -> int:
     return zlib.crc32(text.encode("utf-8"))
 
 
-def benchmark_files(cfg: WordEval) -> list[Path]:
-    root = project_root()
-    files = [resolve_package_path(spec) if spec.startswith("pkg://") else root / spec
-             for spec in cfg.benchmarks.model_dump().values()]
-    for path in files:
-        if not path.exists():
-            raise InputError(f"{path}: evaluation file not found (word_eval.benchmarks)")
-    return files
+def new_model(cfg: Config, method: Method) -> Word2Vec:
+    """An untrained gensim Word2Vec with the `word2vec` params (negative sampling, no softmax tree)."""
+    w = cfg.word2vec
+    return Word2Vec(vector_size=w.dim, window=w.window, min_count=w.min_count, sg=int(method == "skipgram"),
+                    negative=w.negative, hs=0, sample=w.sample, alpha=w.learning_rate,
+                    min_alpha=w.min_learning_rate, workers=w.workers or os.cpu_count() or 1, seed=w.seed,
+                    hashfxn=stable_hash)
 
 
 def train(sentences: TrainSentences, cfg: Config, method: Method) -> tuple[Word2Vec, dict[str, Any]]:
     """Train on the sentences; the seconds and words per second count writing them out too."""
     w = cfg.word2vec
-    model = Word2Vec(vector_size=w.dim, window=w.window, min_count=w.min_count, sg=int(method == "skipgram"),
-                     negative=w.negative, hs=0, sample=w.sample, alpha=w.learning_rate,
-                     min_alpha=w.min_learning_rate, workers=w.workers or os.cpu_count() or 1, seed=w.seed,
-                     hashfxn=stable_hash)
+    model = new_model(cfg, method)
     progress = EpochProgress(method, w.epochs)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
@@ -128,7 +124,7 @@ def run(cfg: Config, clean_dir: Path, out_dir: Path, metrics_dir: Path, method: 
         ) -> dict[str, Any]:
     """Train, save and evaluate one method's vectors; returns the metrics written to
     `metrics/<method>.json`."""
-    files = benchmark_files(cfg.word_eval)
+    files = wordbench.benchmark_files(cfg.word_eval.benchmarks.model_dump(), project_root())
     sentences = TrainSentences(word_tables(clean_dir, cfg.words.include_labeled_train), cfg.words.pattern)
     model, timing = train(sentences, cfg, method)
     words, vectors = list(model.wv.index_to_key), np.ascontiguousarray(model.wv.vectors, dtype=np.float32)
