@@ -110,7 +110,7 @@ def affected_outputs(stage: StageRecord, changed: str) -> list[str]:
     corpus_only = not stage.params.get("tokenize", {}).get("include_labeled_train")
     if stage.name == "tokenize" and changed.endswith("labeled.parquet") and corpus_only:
         tokens = [o.path for o in stage.outs if o.md5.endswith(".dir")][-1]  # the tokenizer's dir, then this
-        return [f"{tokens}/labeled", f"{tokens}/manifest.json"]
+        return [f"{tokens}/labeled"]
     reads_labeled = stage.params.get("words", {}).get("include_labeled_train")
     if stage.name in WORD_STAGES and changed.endswith("labeled.parquet") and not reads_labeled:
         return []

@@ -44,6 +44,13 @@ def stage_reasons(name: str, entries: list[Any]) -> StageStatus:
     return status
 
 
+def rebuilds(status: StageStatus) -> bool:
+    """Whether a stale stage's rerun can change what its dependents read: not when only its own
+    outputs were modified (the rerun restores them as recorded; readers of the modified files are
+    stale on their own account)."""
+    return any(kind != "output" for kind, _ in status.reasons)
+
+
 def stale_stages(root: Path) -> tuple[list[StageStatus], list[str]]:
     """The stages that would rerun, in pipeline order, each with its reasons, and the stages that
     are up to date."""
@@ -58,7 +65,7 @@ def stale_stages(root: Path) -> tuple[list[StageStatus], list[str]]:
     found: dict[str, StageStatus] = {}
     for name in order:
         status = stage_reasons(name, reported.get(name, []))
-        status.reasons += [("upstream", d) for d in needs[name] if d in found and found[d].reasons]
+        status.reasons += [("upstream", d) for d in needs[name] if d in found and rebuilds(found[d])]
         if status.reasons or status.always:
             found[name] = status
     stale = [found[name] for name in order if name in found]

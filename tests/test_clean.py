@@ -158,6 +158,28 @@ def test_two_runs_are_byte_identical(tmp_path: Path, slices: Callable[..., dict[
     assert digests[0] == digests[1]
 
 
+def test_ingest_logs_a_run_only_when_the_bytes_change(tmp_path: Path, slices: Callable[..., dict[str, Any]],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    params = slices(pages=3, rows=20)
+    params["paths"] = {"raw": str(tmp_path / "raw")}
+    cfg = parse_config(params)
+
+    def ingest_runs() -> int:
+        return len(MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name(
+            "llm-pipeline").experiment_id], "tags.stage = 'ingest'"))
+
+    assert "unchanged" not in ingest.execute(cfg) and ingest_runs() == 1
+    assert "unchanged since the last copy" in ingest.execute(cfg) and ingest_runs() == 1
+    csv_slice(tmp_path / "s.csv", rows=21)  # one more row: new bytes, a new run
+    assert "unchanged" not in ingest.execute(cfg) and ingest_runs() == 2
+    copied = tmp_path / "raw" / "sentiment" / "s.csv"
+    assert copied.read_bytes() == (tmp_path / "s.csv").read_bytes()
+
+
 def test_growing_a_source_never_moves_a_document(tmp_path: Path) -> None:
     splits = tmp_path / "splits.parquet"  # the manifest DVC keeps between the two runs
     small_sources = wiki_slice(tmp_path / "w1.xml", 80), csv_slice(tmp_path / "small.csv", 800)

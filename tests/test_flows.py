@@ -127,6 +127,8 @@ def test_the_flow_runs_every_stage_then_finds_nothing_to_retrain(prefect_server,
     assert state.name == "NothingToRetrain"
     assert state.result()["outcome"] == "nothing to retrain"
     assert yaml.safe_load((project / "dvc.lock").read_text()) == lock  # nothing ran
+    # ingest recopied the same bytes: the first run still stands for them, no second ingest run
+    assert len(client.search_runs([parent.info.experiment_id], "tags.stage = 'ingest'")) == 1
 
     # `pipeline status`: nothing to rerun; then a word2vec param: its two stages and evaluate, no other
     stale, fresh = stale_stages(project)
@@ -150,6 +152,27 @@ def test_the_flow_runs_every_stage_then_finds_nothing_to_retrain(prefect_server,
     assert relock["evaluate"] != lock["stages"]["evaluate"]
     assert result["promotion"]["new_version"] == "2" and not result["promotion"]["promoted"]  # margin 1.0
     assert str(client.get_model_version_by_alias("sentiment-classifier", "champion").version) == "1"
+
+    # the graph is exact where DVC can say it: a flipped byte in a labeled test shard makes only its
+    # readers stale, never the language model (pretrain reads the corpus shards and their manifest)
+    shard = project / "data/tokens/labeled/test.arrow"
+    original = shard.read_bytes()
+    shard.unlink()
+    shard.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    stale, _ = stale_stages(project)
+    reasons = {s.name: {kind for kind, _ in s.reasons} for s in stale if s.reasons}
+    assert reasons == {"tokenize": {"output"}, "finetune": {"data"}, "evaluate": {"data", "upstream"}}
+    shard.unlink()
+    shard.write_bytes(original)
+    # and at rerun time: one labeled row fewer reruns the stages that read the labeled set and none
+    # that read only the corpus (their inputs come out byte-identical, so DVC skips them)
+    before = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    rows = (project / "sentiment.csv").read_bytes().split(b"\r\n")
+    (project / "sentiment.csv").write_bytes(b"\r\n".join(rows[:-2] + rows[-1:]))
+    assert retrain_module.dvc(project, "repro", "--quiet").returncode == 0
+    after = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert {name for name in after if after[name] != before[name]} == {
+        "ingest", "clean", "tokenize", "cooccur", "glove", "skipgram", "cbow", "finetune", "evaluate"}
 
 
 def test_a_stage_that_fails_once_succeeds_on_retry(prefect_server, tmp_path, monkeypatch):

@@ -135,6 +135,9 @@ def test_labeled_set_is_encoded_with_a_label_mapping(tokenized: tuple[Path, dict
         table = pa.ipc.open_file(source).read_all().to_pydict()
     assert max(len(ids) for ids in table["ids"]) == 16
     assert set(table["label"]) <= {0, 1, 2}
+    summary = json.loads((root / "tokens" / "labeled" / "summary.json").read_text())
+    assert summary["labels"] == mapping and summary["splits"]["train"]["examples"] == len(table["label"])
+    assert "labeled" not in read_manifest(root / "tokens")  # the corpus manifest knows no labeled text
 
 
 def test_two_runs_are_byte_identical(real_clean: Path, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ the md5 of the exact raw bytes every later stage was built from. Raw inputs are 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -70,22 +71,35 @@ def run(cfg: Config, raw_dir: Path, base: Path | None = None) -> dict[str, Any]:
     return report
 
 
+def read_report(raw_dir: Path) -> dict[str, Any] | None:
+    """The previous copy's sources.json (DVC keeps the output between runs: `persist`), if any."""
+    try:
+        return json.loads((raw_dir / "sources.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def execute(cfg: Config) -> str:
-    """The stage as DVC runs it: paths from params, one MLflow run, a summary line."""
+    """The stage as DVC runs it: paths from params, a summary line, and one MLflow run when the bytes
+    differ from the last copy's (DVC reruns ingest every time; a no-op rerun should stay cheap)."""
     from pipeline import tracking
 
     raw_dir = project_root() / cfg.paths.raw
-    params = {"sources": [s.model_dump() for s in cfg.data.sources]}
-    with tracking.stage_run("ingest", cfg.tracking, params, {}, {"raw": raw_dir}) as run_log:
-        report = run(cfg, raw_dir)
-        files = [(name, f) for name, entry in report.items() for f in entry["files"]]
-        run_log.log_metrics({f"{name}.{f['file']}.bytes": f["bytes"] for name, f in files})
-        run_log.set_tags({f"raw.{name}.{f['file']}.md5": f["md5"] for name, f in files})
-    return "\n".join(
+    previous = read_report(raw_dir)
+    report = run(cfg, raw_dir)
+    summary = "\n".join(
         f"ingest: {name}: {len(entry['files'])} file(s), "
         f"{sum(f['bytes'] for f in entry['files']):,} bytes from {entry['origin']}"
         for name, entry in report.items()
     )
+    if report == previous:  # the same bytes from the same origins: an earlier run already records them
+        return summary + "\ningest: unchanged since the last copy (no new MLflow run)"
+    params = {"sources": [s.model_dump() for s in cfg.data.sources]}
+    with tracking.stage_run("ingest", cfg.tracking, params, {}, {"raw": raw_dir}) as run_log:
+        files = [(name, f) for name, entry in report.items() for f in entry["files"]]
+        run_log.log_metrics({f"{name}.{f['file']}.bytes": f["bytes"] for name, f in files})
+        run_log.set_tags({f"raw.{name}.{f['file']}.md5": f["md5"] for name, f in files})
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,9 +6,12 @@ Outputs:
   `transformers.PreTrainedTokenizerFast(tokenizer_file=...)`, giving the same ids;
 - `paths.tokens/<split>/<split>-NNNNN.arrow`: fixed-size shards (see `pipeline/shards.py`);
 - `paths.tokens/labeled/<split>.arrow`: `ids` (list of ids, truncated) and `label` (int) per example,
-  with `labels.json` mapping label names to ints (from the train split, sorted);
-- `paths.tokens/manifest.json` (every shard's sha256, tokens, documents, dtype; totals) and
-  `metrics/tokenize.json` (tokens per split, bytes per token, vocabulary size).
+  with `labels.json` mapping label names to ints (from the train split, sorted) and `summary.json`
+  (the mapping, examples and truncated examples per split);
+- `paths.tokens/manifest.json` (the corpus shards only: every shard's sha256, tokens, documents,
+  dtype; totals; the special ids), so a change in the labeled set alone leaves it, and the language
+  model built from it, untouched; and `metrics/tokenize.json` (tokens per split, bytes per token,
+  vocabulary size).
 """
 
 from __future__ import annotations
@@ -234,8 +237,9 @@ def run(
             "eot_id": tokenizer.token_to_id(tok_cfg.eot_token),
             "pad_id": tokenizer.token_to_id(tok_cfg.pad_token),
             "mask_id": tokenizer.token_to_id(tok_cfg.mask_token),  # None in a reused tokenizer without it
-            "shards": shards, "totals": totals, "labeled": labeled_summary,
+            "shards": shards, "totals": totals,
         }
+        write_json(tmp / "labeled" / "summary.json", labeled_summary)
         write_json(tmp / MANIFEST, manifest)
     text_tokens = {s: totals[s]["tokens"] - totals[s]["documents"] for s in SPLITS}  # without EOT
     metrics = {

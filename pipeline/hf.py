@@ -1,0 +1,145 @@
+"""Export to Hugging Face transformers: the GPT decoder as `GPT2LMHeadModel`, a classifier on it that
+reads the last real token as `GPT2ForSequenceClassification` (with `id2label`), the tokenizer as
+`PreTrainedTokenizerFast` with its special tokens; safetensors only.
+
+Exact where the architecture is GPT-2's: learned positions, pre-norm blocks, exact-erf GELU, a
+final norm and a head tied to the token embedding. Refused, because no transformers class computes
+the same function: rotary positions (ours rotate interleaved channel pairs after a LayerNorm; the
+Llama family rotates halves after an RMSNorm), the encoder (BERT-family blocks normalise after the
+residual, ours before), the LSTM / GRU models, and mean pooling (GPT-2's classifier reads the last
+real token)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pipeline.checkpoint import load_model
+from pipeline.files import InputError, atomic_dir
+from pipeline.models import GPT, SequenceClassifier
+
+if TYPE_CHECKING:
+    from transformers import GPT2Config
+
+TOKENIZER_FILE = "tokenizer.json"
+LABELS_FILE = "labels.json"
+
+
+def check_exportable(model: torch.nn.Module, where: Path) -> GPT:
+    """The GPT decoder inside `model`, or a one-line refusal naming what has no GPT-2 equivalent."""
+    backbone = model.backbone if isinstance(model, SequenceClassifier) else model
+    if not isinstance(backbone, GPT):
+        raise InputError(f"{where}: only GPT models export to transformers (a recurrent model has no "
+                         "transformers equivalent)")
+    if not backbone.cfg.causal:
+        raise InputError(f"{where}: the encoder (objective mlm) has no exact transformers equivalent "
+                         "(BERT-family blocks are post-norm, ours pre-norm)")
+    if backbone.cfg.positions != "learned":
+        raise InputError(f"{where}: rotary positions have no exact transformers equivalent (Llama rotates "
+                         "channel halves after RMSNorm; ours rotates pairs after LayerNorm)")
+    if isinstance(model, SequenceClassifier) and model.pooling != "last":
+        raise InputError(f"{where}: a classifier with {model.pooling} pooling has no transformers "
+                         "equivalent (GPT2ForSequenceClassification reads the last token); fine-tune "
+                         "with finetune.pooling: last to export it")
+    return backbone
+
+
+def gpt2_config(gpt: GPT, special_ids: dict[str, int], **extra: Any) -> GPT2Config:
+    from transformers import GPT2Config
+
+    cfg = gpt.cfg
+    return GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.context, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, n_inner=4 * cfg.n_embd, activation_function="gelu",  # exact erf, as F.gelu
+        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, layer_norm_epsilon=1e-5,
+        bos_token_id=special_ids["eot"], eos_token_id=special_ids["eot"], pad_token_id=special_ids["pad"],
+        tie_word_embeddings=True, **extra,
+    )
+
+
+def gpt2_weights(gpt: GPT) -> dict[str, torch.Tensor]:
+    """Our GPT's weights under GPT-2's names. GPT-2's Conv1D stores (in, out), nn.Linear (out, in);
+    a model without biases gets zero biases."""
+    def bias(linear: torch.nn.Linear | torch.nn.Module, size: int) -> torch.Tensor:
+        found = getattr(linear, "bias", None)
+        return found.detach().clone() if found is not None else torch.zeros(size)
+
+    state = {"transformer.wte.weight": gpt.wte.weight, "transformer.ln_f.weight": gpt.ln_f.weight,
+             "transformer.ln_f.bias": bias(gpt.ln_f, gpt.cfg.n_embd)}
+    assert gpt.wpe is not None
+    state["transformer.wpe.weight"] = gpt.wpe.weight
+    for i, block in enumerate(gpt.blocks):
+        h = f"transformer.h.{i}."
+        for ours, theirs in ((block.ln_1, "ln_1"), (block.ln_2, "ln_2")):
+            state[h + theirs + ".weight"] = ours.weight
+            state[h + theirs + ".bias"] = bias(ours, gpt.cfg.n_embd)
+        for ours, theirs in ((block.attn.qkv, "attn.c_attn"), (block.attn.proj, "attn.c_proj"),
+                             (block.mlp.fc, "mlp.c_fc"), (block.mlp.proj, "mlp.c_proj")):
+            state[h + theirs + ".weight"] = ours.weight.t()
+            state[h + theirs + ".bias"] = bias(ours, ours.out_features)
+    return {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+
+def fold_head_bias(weights: dict[str, torch.Tensor], head: torch.nn.Linear) -> None:
+    """GPT-2's classification head has no bias: shift the final norm's bias by d with W d = b (W has
+    full row rank: fewer classes than channels), so W (h + d) = W h + b."""
+    w, b = head.weight.detach().double(), head.bias.detach().double()
+    shift = torch.linalg.pinv(w) @ b
+    weights["transformer.ln_f.bias"] = (weights["transformer.ln_f.bias"].double() + shift).float()
+    weights["score.weight"] = head.weight.detach().clone()
+
+
+def special_tokens(tokenizer_file: Path, config: dict[str, Any]) -> dict[str, str]:
+    added = {t["id"]: t["content"] for t in json.loads(tokenizer_file.read_text())["added_tokens"]}
+    ids = {"eot": config.get("eot_id", 0), "pad": config.get("pad_id", 1)}
+    tokens = {name: added[i] for name, i in ids.items() if i in added}
+    if mask := next((c for c in added.values() if "mask" in c), None):
+        tokens["mask"] = mask
+    return tokens
+
+
+def save_tokenizer(tokenizer_file: Path, tokens: dict[str, str], max_length: int, out: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_file), bos_token=tokens.get("eot"), eos_token=tokens.get("eot"),
+        unk_token=tokens.get("eot"), pad_token=tokens.get("pad"), mask_token=tokens.get("mask"),
+        model_max_length=max_length, padding_side="right",
+    )
+    tokenizer.save_pretrained(str(out))
+
+
+def export(model_dir: Path, out: Path) -> str:
+    """Write `model_dir` (a language model or classifier of this pipeline) to `out` as a transformers
+    model directory; returns the transformers class written."""
+    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    model, config = load_model(model_dir)
+    gpt = check_exportable(model, model_dir)
+    tokenizer_file = model_dir / TOKENIZER_FILE
+    if not tokenizer_file.exists():
+        raise InputError(f"{tokenizer_file}: no tokenizer beside the model")
+    tokens = special_tokens(tokenizer_file, config)
+    ids = {"eot": config.get("eot_id", 0), "pad": config.get("pad_id", 1)}
+    weights = gpt2_weights(gpt)
+    if isinstance(model, SequenceClassifier):
+        labels = json.loads((model_dir / LABELS_FILE).read_text())
+        id2label = {i: name for name, i in labels.items()}
+        hf_config = gpt2_config(gpt, ids, num_labels=model.n_classes, id2label=id2label,
+                                label2id=labels)
+        hf_model: torch.nn.Module = GPT2ForSequenceClassification(hf_config)
+        fold_head_bias(weights, model.classifier)
+        max_length = int(config.get("max_length", gpt.cfg.context))
+    else:
+        hf_model = GPT2LMHeadModel(gpt2_config(gpt, ids))
+        max_length = gpt.cfg.context
+    missing, unexpected = hf_model.load_state_dict(weights, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:  # the head is tied to wte
+        raise InputError(f"{model_dir}: weights do not map onto GPT-2 ({missing or unexpected})")
+    with atomic_dir(out) as tmp:
+        hf_model.save_pretrained(str(tmp), safe_serialization=True)
+        save_tokenizer(tokenizer_file, tokens, max_length, tmp)
+    return type(hf_model).__name__
