@@ -112,6 +112,34 @@ def classify(
 
 
 @app.command()
+def export(
+    out: Annotated[Path, typer.Argument(help="the transformers model directory to write")],
+    model: Annotated[Path | None, typer.Argument(
+        help="a model directory of this pipeline [default: the project's paths.lm]")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="hf: Hugging Face transformers")] = "hf",
+    params: ParamsOption = None,
+) -> None:
+    """Export a language model (GPT2LMHeadModel) or a last-token classifier
+    (GPT2ForSequenceClassification) with its tokenizer to a transformers directory (safetensors)."""
+    from pipeline.files import InputError
+
+    if fmt != "hf":
+        typer.echo(f"error: unknown format '{fmt}' (hf)", err=True)
+        raise typer.Exit(2)
+    from pipeline.hf import export as export_hf
+
+    cfg = load_config(params)
+    tok = cfg.tokenize
+    source = model or project_root() / cfg.paths.lm
+    try:
+        kind = export_hf(source, out, {"eot": tok.eot_token, "pad": tok.pad_token, "mask": tok.mask_token})
+    except InputError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"export: {source} -> {out} ({kind}, safetensors, with its tokenizer)")
+
+
+@app.command()
 def lineage(
     target: Annotated[str, typer.Argument(
         help="an output path, an MLflow run id or models:/name@alias (with --impacted: any input path)")],

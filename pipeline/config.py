@@ -296,7 +296,7 @@ class Finetune(Section):
     """A classification head on the pretrained model, trained on the labeled set's train split."""
 
     mode: Literal["full", "frozen"] = Field("full", description="frozen: train the head only (linear probe)")
-    pooling: Literal["last", "mean"] = Field("mean", description="last real position, or the mean of all")
+    pooling: Literal["last", "mean"] = Field("last", description="last real position, or the mean of all")
     class_weights: bool = Field(True, description="weight the loss by inverse class frequency")
     epochs: int = Field(2, ge=1, description="passes over the train examples (early stopping may stop first)")
     max_examples: int | None = Field(None, ge=1, description="use only this many train examples")

@@ -18,15 +18,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pipeline.checkpoint import load_model
+from pipeline.classify import LABELS_FILE, TOKENIZER_FILE, read_labels
 from pipeline.files import InputError, atomic_dir
 from pipeline.models import GPT, SequenceClassifier
 
 if TYPE_CHECKING:
     from transformers import GPT2Config
-
-TOKENIZER_FILE = "tokenizer.json"
-LABELS_FILE = "labels.json"
-
 
 def check_exportable(model: torch.nn.Module, where: Path) -> GPT:
     """The GPT decoder inside `model`, or a one-line refusal naming what has no GPT-2 equivalent."""
@@ -92,47 +89,50 @@ def fold_head_bias(weights: dict[str, torch.Tensor], head: torch.nn.Linear) -> N
     weights["score.weight"] = head.weight.detach().clone()
 
 
-def special_tokens(tokenizer_file: Path, config: dict[str, Any]) -> dict[str, str]:
-    added = {t["id"]: t["content"] for t in json.loads(tokenizer_file.read_text())["added_tokens"]}
-    ids = {"eot": config.get("eot_id", 0), "pad": config.get("pad_id", 1)}
-    tokens = {name: added[i] for name, i in ids.items() if i in added}
-    if mask := next((c for c in added.values() if "mask" in c), None):
-        tokens["mask"] = mask
-    return tokens
+def special_ids(tokenizer_file: Path, tokens: dict[str, str]) -> dict[str, int]:
+    """The ids of the special tokens (eot, pad, mask) that this tokenizer has."""
+    added = {t["content"]: t["id"] for t in json.loads(tokenizer_file.read_text())["added_tokens"]}
+    if tokens["eot"] not in added or tokens["pad"] not in added:
+        raise InputError(f"{tokenizer_file}: no {tokens['eot']} or {tokens['pad']} token "
+                         "(is it the tokenizer these tokenize params made?)")
+    return {name: added[token] for name, token in tokens.items() if token in added}
 
 
 def save_tokenizer(tokenizer_file: Path, tokens: dict[str, str], max_length: int, out: Path) -> None:
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_file=str(tokenizer_file), bos_token=tokens.get("eot"), eos_token=tokens.get("eot"),
-        unk_token=tokens.get("eot"), pad_token=tokens.get("pad"), mask_token=tokens.get("mask"),
+        tokenizer_file=str(tokenizer_file), bos_token=tokens["eot"], eos_token=tokens["eot"],
+        unk_token=tokens["eot"], pad_token=tokens["pad"], mask_token=tokens.get("mask"),
         model_max_length=max_length, padding_side="right",
     )
     tokenizer.save_pretrained(str(out))
 
 
-def export(model_dir: Path, out: Path) -> str:
+def export(model_dir: Path, out: Path, tokens: dict[str, str]) -> str:
     """Write `model_dir` (a language model or classifier of this pipeline) to `out` as a transformers
-    model directory; returns the transformers class written."""
+    model directory; `tokens`: the eot, pad and mask token strings (tokenize params). Returns the
+    transformers class written."""
     from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # its shard-writing bar: not for a pipeline log
     model, config = load_model(model_dir)
     gpt = check_exportable(model, model_dir)
     tokenizer_file = model_dir / TOKENIZER_FILE
     if not tokenizer_file.exists():
         raise InputError(f"{tokenizer_file}: no tokenizer beside the model")
-    tokens = special_tokens(tokenizer_file, config)
-    ids = {"eot": config.get("eot_id", 0), "pad": config.get("pad_id", 1)}
+    ids = special_ids(tokenizer_file, tokens)
+    tokens = {name: token for name, token in tokens.items() if name in ids}
     weights = gpt2_weights(gpt)
     if isinstance(model, SequenceClassifier):
-        labels = json.loads((model_dir / LABELS_FILE).read_text())
+        labels = read_labels(model_dir / LABELS_FILE)
         id2label = {i: name for name, i in labels.items()}
         hf_config = gpt2_config(gpt, ids, num_labels=model.n_classes, id2label=id2label,
                                 label2id=labels)
         hf_model: torch.nn.Module = GPT2ForSequenceClassification(hf_config)
         fold_head_bias(weights, model.classifier)
-        max_length = int(config.get("max_length", gpt.cfg.context))
+        max_length = int(config["max_length"])
     else:
         hf_model = GPT2LMHeadModel(gpt2_config(gpt, ids))
         max_length = gpt.cfg.context

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import subprocess
 import time
@@ -237,11 +236,9 @@ MODEL_REQUIREMENTS = ["torch", "tokenizers", "safetensors", "numpy", "pandas"]
 @contextlib.contextmanager
 def quiet_model_logging() -> Iterator[None]:
     """Silence what MLflow says on every pyfunc log, known and harmless here: the advice to add type
-    hints to `predict`, the warning that the (stateless) wrapper object is cloudpickled (the weights
-    are safetensors and load without unpickling) and the artifact download bar."""
-    logger = logging.getLogger("mlflow.pyfunc")
-    level, bar = logger.level, os.environ.get(PROGRESS_BAR_ENV)
-    logger.setLevel(logging.ERROR)
+    hints to `predict` (the schema is documented in `pipeline/pyfunc.py`) and the artifact download
+    bar. (Models are logged as code: MLflow has no cloudpickle warning to give.)"""
+    bar = os.environ.get(PROGRESS_BAR_ENV)
     os.environ[PROGRESS_BAR_ENV] = "false"
     try:
         with warnings.catch_warnings():  # MLflow forces its own filter ("once"): drop it as it is shown
@@ -254,7 +251,6 @@ def quiet_model_logging() -> Iterator[None]:
             warnings.showwarning = show
             yield
     finally:
-        logger.setLevel(level)
         if bar is None:
             os.environ.pop(PROGRESS_BAR_ENV, None)
         else:
@@ -270,12 +266,11 @@ def register_model(run: StageRun, directory: Path, name: str, kind: str) -> str 
     import mlflow
 
     mlflow.set_tracking_uri(run.client.tracking_uri)
+    code = Path(__file__).with_name("pyfunc_entry.py")  # models from code: nothing is pickled
     with mlflow.start_run(run_id=run.run_id), quiet_model_logging():
-        from pipeline.pyfunc import ClassifierModel, LanguageModel  # MLflow warns as it defines them
-
-        python_model = ClassifierModel() if kind == "classifier" else LanguageModel()
-        info = mlflow.pyfunc.log_model(name=kind, python_model=python_model, artifacts={kind: str(directory)},
-                                       pip_requirements=MODEL_REQUIREMENTS, registered_model_name=name)
+        info = mlflow.pyfunc.log_model(name=kind, python_model=str(code), artifacts={kind: str(directory)},
+                                       model_config={"kind": kind}, pip_requirements=MODEL_REQUIREMENTS,
+                                       registered_model_name=name)
     version = str(info.registered_model_version)
     run.client.set_model_version_tag(name, version, "md5", path_md5(directory))
     run.client.set_model_version_tag(name, version, "run_id", run.run_id)
