@@ -18,7 +18,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from sklearn.metrics import f1_score  # noqa: E402
 
 from pipeline.classify import Classifier, read_labels  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config import load_config, project_root  # noqa: E402
 from pipeline.sources import read_source  # noqa: E402
 from pipeline.stages.clean import clean_document  # noqa: E402
 from pipeline.stages.evaluate import tfidf_baseline  # noqa: E402
@@ -44,7 +44,7 @@ def confidences(raw_dir: Path) -> dict[str, float]:
 
 def main() -> None:
     cfg = load_config()
-    root = ROOT
+    root = project_root()
     labeled = root / cfg.paths.clean / "labeled.parquet"
     table = pq.read_table(labeled, columns=["id", "text", "label", "split"]).to_pydict()
     test = [i for i, s in enumerate(table["split"]) if s == "test"]
