@@ -18,7 +18,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from sklearn.metrics import f1_score  # noqa: E402
 
 from pipeline.classify import Classifier, read_labels  # noqa: E402
-from pipeline.config import load_config, project_root  # noqa: E402
+from pipeline.config import Config, load_config, project_root  # noqa: E402
 from pipeline.sources import read_source  # noqa: E402
 from pipeline.stages.clean import clean_document  # noqa: E402
 from pipeline.stages.evaluate import tfidf_baseline  # noqa: E402
@@ -27,10 +27,10 @@ BANDS = ((0.0, 0.5), (0.5, 0.7), (0.7, 0.99), (0.99, 1.01))
 CONFIDENCE_FIELD = "confidence"
 
 
-def confidences(raw_dir: Path) -> dict[str, float]:
+def confidences(cfg: Config, raw_dir: Path) -> dict[str, float]:
     """Clean-stage id -> annotator confidence, for every labeled source row that has one."""
     found: dict[str, float] = {}
-    for source in load_config().data.sources:
+    for source in cfg.data.sources:
         if not source.label_field:
             continue
         reading = source.model_copy(update={"label_field": CONFIDENCE_FIELD})  # read confidence as the label
@@ -52,7 +52,7 @@ def main() -> None:
     actual, tfidf, chosen = tfidf_baseline(labeled, mapping, cfg.evaluate, cfg.seed)
     names, _ = Classifier.load(root / cfg.paths.classifier).predict([table["text"][i] for i in test])
     ours = np.array([mapping[n] for n in names])
-    known = confidences(root / cfg.paths.raw)
+    known = confidences(cfg, root / cfg.paths.raw)
     confidence = np.array([known.get(table["id"][i], np.nan) for i in test])
     given = int(np.isfinite(confidence).sum())
     print(f"test texts {len(test)}, with a confidence {given}; TF-IDF C {chosen['C']}")

@@ -25,6 +25,7 @@ from pipeline.models import GPT, SequenceClassifier
 if TYPE_CHECKING:
     from transformers import GPT2Config
 
+
 def check_exportable(model: torch.nn.Module, where: Path) -> GPT:
     """The GPT decoder inside `model`, or a one-line refusal naming what has no GPT-2 equivalent."""
     backbone = model.backbone if isinstance(model, SequenceClassifier) else model
@@ -60,23 +61,22 @@ def gpt2_config(gpt: GPT, special_ids: dict[str, int], **extra: Any) -> GPT2Conf
 def gpt2_weights(gpt: GPT) -> dict[str, torch.Tensor]:
     """Our GPT's weights under GPT-2's names. GPT-2's Conv1D stores (in, out), nn.Linear (out, in);
     a model without biases gets zero biases."""
-    def bias(linear: torch.nn.Linear | torch.nn.Module, size: int) -> torch.Tensor:
-        found = getattr(linear, "bias", None)
-        return found.detach().clone() if found is not None else torch.zeros(size)
+    def bias(module: torch.nn.Module) -> torch.Tensor:
+        return module.bias if module.bias is not None else torch.zeros(module.weight.shape[0])
 
     state = {"transformer.wte.weight": gpt.wte.weight, "transformer.ln_f.weight": gpt.ln_f.weight,
-             "transformer.ln_f.bias": bias(gpt.ln_f, gpt.cfg.n_embd)}
+             "transformer.ln_f.bias": bias(gpt.ln_f)}
     assert gpt.wpe is not None
     state["transformer.wpe.weight"] = gpt.wpe.weight
     for i, block in enumerate(gpt.blocks):
         h = f"transformer.h.{i}."
         for ours, theirs in ((block.ln_1, "ln_1"), (block.ln_2, "ln_2")):
             state[h + theirs + ".weight"] = ours.weight
-            state[h + theirs + ".bias"] = bias(ours, gpt.cfg.n_embd)
+            state[h + theirs + ".bias"] = bias(ours)
         for ours, theirs in ((block.attn.qkv, "attn.c_attn"), (block.attn.proj, "attn.c_proj"),
                              (block.mlp.fc, "mlp.c_fc"), (block.mlp.proj, "mlp.c_proj")):
             state[h + theirs + ".weight"] = ours.weight.t()
-            state[h + theirs + ".bias"] = bias(ours, ours.out_features)
+            state[h + theirs + ".bias"] = bias(ours)
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 
