@@ -3,6 +3,8 @@
 A classifier directory (`paths.classifier`) holds `model.safetensors` + `config.json` (a
 `SequenceClassifier`, see pipeline/models), `labels.json` (label name -> class index) and the
 `tokenizer.json` its ids come from, so it is usable on its own: `Classifier.load(dir).predict(texts)`.
+The model is either ours or a transformers model fine-tuned from a local directory
+(`TransformersClassifier`, with that directory's tokenizer and its special tokens).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import nn
 
 from pipeline.checkpoint import load_model
 from pipeline.files import InputError
-from pipeline.models import SequenceClassifier
+from pipeline.models import SequenceClassifier, TransformersClassifier
 from pipeline.training import autocast
 
 LABELS_FILE = "labels.json"
@@ -30,19 +32,29 @@ TOKENIZER_FILE = "tokenizer.json"
 class Examples:
     ids: list[np.ndarray]
     labels: np.ndarray  # int64 class indices
+    texts: list[str]
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def truncated(self, max_length: int) -> Examples:
-        return Examples([ids[:max_length] for ids in self.ids], self.labels)
+        return Examples([ids[:max_length] for ids in self.ids], self.labels, self.texts)
 
     def sample(self, count: int | None, seed: int) -> Examples:
         """`count` examples drawn without replacement (all of them when None), in a seeded order."""
         if count is None or count >= len(self):
             return self
         chosen = np.sort(np.random.default_rng(seed).permutation(len(self))[:count])
-        return Examples([self.ids[i] for i in chosen], self.labels[chosen])
+        return Examples([self.ids[i] for i in chosen], self.labels[chosen], [self.texts[i] for i in chosen])
+
+    def encoded(self, tokenizer: Tokenizer, add_special_tokens: bool) -> Examples:
+        """The same texts and labels with ids from another tokenizer (its truncation applies)."""
+        return Examples(encode(tokenizer, self.texts, add_special_tokens), self.labels, self.texts)
+
+
+def encode(tokenizer: Tokenizer, texts: list[str], add_special_tokens: bool) -> list[np.ndarray]:
+    encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
+    return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
 
 
 def read_labels(path: Path) -> dict[str, int]:
@@ -62,7 +74,7 @@ def read_examples(labeled_dir: Path, split: str) -> Examples:
         raise InputError(f"{path}: the labeled {split} split is empty")
     column = table.column("ids")
     ids = [np.asarray(column[i].values, dtype=np.int64) for i in range(table.num_rows)]
-    return Examples(ids, table.column("label").to_numpy().astype(np.int64))
+    return Examples(ids, table.column("label").to_numpy().astype(np.int64), table.column("text").to_pylist())
 
 def pad_batch(
     sequences: list[np.ndarray], pad_id: int, device: torch.device
@@ -95,32 +107,37 @@ def predict_proba(model: nn.Module, sequences: list[np.ndarray], pad_id: int, ba
     return unsorted
 
 
+def truncating(tokenizer: Tokenizer, max_length: int) -> Tokenizer:
+    """`tokenizer` cutting every text at `max_length` ids (special tokens kept)."""
+    tokenizer.enable_truncation(max_length)
+    return tokenizer
+
+
 @dataclass
 class Classifier:
     """A trained classifier with its tokenizer and label names, for raw texts."""
 
-    model: SequenceClassifier
-    tokenizer: Tokenizer
+    model: nn.Module  # SequenceClassifier | TransformersClassifier: forward(ids, lengths) -> logits
+    tokenizer: Tokenizer  # truncating at the classifier's max_length
     labels: list[str]  # by class index
     pad_id: int
-    max_length: int
+    add_special_tokens: bool  # a transformers model's own ([CLS] ... [SEP]); ours has none
 
     @classmethod
     def load(cls, directory: Path) -> Classifier:
         model, config = load_model(directory)
-        if not isinstance(model, SequenceClassifier):
+        if not isinstance(model, SequenceClassifier | TransformersClassifier):
             raise InputError(f"{directory}: holds a language model, not a classifier")
         tokenizer_path = directory / TOKENIZER_FILE
         if not tokenizer_path.exists():
             raise InputError(f"{tokenizer_path}: tokenizer missing beside the classifier")
         mapping = read_labels(directory / LABELS_FILE)
         labels = [name for name, _ in sorted(mapping.items(), key=lambda item: item[1])]
-        return cls(model.eval(), Tokenizer.from_file(str(tokenizer_path)), labels, config["pad_id"],
-                   config["max_length"])
+        tokenizer = truncating(Tokenizer.from_file(str(tokenizer_path)), config["max_length"])
+        return cls(model.eval(), tokenizer, labels, config["pad_id"], config.get("add_special_tokens", False))
 
     def predict(self, texts: list[str], batch_size: int = 64) -> tuple[list[str], np.ndarray]:
         """Label names and class probabilities (N, classes) for raw texts."""
-        encodings = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-        ids = [np.asarray(e.ids[: self.max_length], dtype=np.int64) for e in encodings]
+        ids = encode(self.tokenizer, texts, self.add_special_tokens)
         probs = predict_proba(self.model, ids, self.pad_id, batch_size, torch.device("cpu"))
         return [self.labels[i] for i in probs.argmax(1)], probs

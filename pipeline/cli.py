@@ -120,7 +120,8 @@ def export(
     params: ParamsOption = None,
 ) -> None:
     """Export a language model (GPT2LMHeadModel) or a last-token classifier
-    (GPT2ForSequenceClassification) with its tokenizer to a transformers directory (safetensors)."""
+    (GPT2ForSequenceClassification) with its tokenizer to a transformers directory (safetensors); a
+    classifier fine-tuned from a transformers model goes back as its own family."""
     from pipeline.files import InputError
 
     if fmt != "hf":

@@ -295,6 +295,8 @@ class WordEval(Section):
 class Finetune(Section):
     """A classification head on the pretrained model, trained on the labeled set's train split."""
 
+    base: str = Field("data/lm", description="the model to fine-tune: this pipeline's LM (paths.lm) or a "
+                      "local transformers model directory (its own tokenizer and pooling)")
     mode: Literal["full", "frozen"] = Field("full", description="frozen: train the head only (linear probe)")
     pooling: Literal["last", "mean"] = Field("last", description="last real position, or the mean of all")
     class_weights: bool = Field(True, description="weight the loss by inverse class frequency")

@@ -7,7 +7,8 @@ final norm and a head tied to the token embedding. Refused, because no transform
 the same function: rotary positions (ours rotate interleaved channel pairs after a LayerNorm; the
 Llama family rotates halves after an RMSNorm), the encoder (BERT-family blocks normalise after the
 residual, ours before), the LSTM / GRU models, and mean pooling (GPT-2's classifier reads the last
-real token)."""
+real token). A classifier fine-tuned from a transformers model is written back as that model's
+family, with its own tokenizer."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 from pipeline.checkpoint import load_model
 from pipeline.classify import LABELS_FILE, TOKENIZER_FILE, read_labels
 from pipeline.files import InputError, atomic_dir
-from pipeline.models import GPT, SequenceClassifier
+from pipeline.models import GPT, SequenceClassifier, TransformersClassifier
 
 if TYPE_CHECKING:
     from transformers import GPT2Config
@@ -109,6 +110,19 @@ def save_tokenizer(tokenizer_file: Path, tokens: dict[str, str], max_length: int
     tokenizer.save_pretrained(str(out))
 
 
+def export_transformers(model: TransformersClassifier, model_dir: Path, max_length: int, out: Path) -> str:
+    """A classifier fine-tuned from a transformers model: that model and its own tokenizer, which
+    truncates where the classifier was trained to read."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    tokenizer.model_max_length = max_length
+    with atomic_dir(out) as tmp:
+        model.model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+    return type(model.model).__name__
+
+
 def export(model_dir: Path, out: Path, tokens: dict[str, str]) -> str:
     """Write `model_dir` (a language model or classifier of this pipeline) to `out` as a transformers
     model directory; `tokens`: the eot, pad and mask token strings (tokenize params). Returns the
@@ -117,7 +131,12 @@ def export(model_dir: Path, out: Path, tokens: dict[str, str]) -> str:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # its shard-writing bar: not for a pipeline log
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"{out}: exists and is not an empty directory (nothing written; remove it or "
+                         "choose another)")
     model, config = load_model(model_dir)
+    if isinstance(model, TransformersClassifier):
+        return export_transformers(model, model_dir, int(config["max_length"]), out)
     gpt = check_exportable(model, model_dir)
     tokenizer_file = model_dir / TOKENIZER_FILE
     if not tokenizer_file.exists():

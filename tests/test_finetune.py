@@ -207,7 +207,7 @@ def test_classify_command_prints_label_and_probabilities(trained):
 
 def test_missing_checkpoint_and_empty_labeled_set_are_refused(tiny_lm, tmp_path):
     root, params = tiny_lm
-    with pytest.raises(InputError, match="no checkpoint here"):
+    with pytest.raises(InputError, match="no model here"):
         finetune.run(parse_config(finetune_params(params, tmp_path)), tmp_path / "nolm", root / "tokens",
                      tmp_path / "c", tmp_path / "k", tmp_path / "m")
     labeled = tmp_path / "tokens" / "labeled"

@@ -124,6 +124,11 @@ def test_the_export_command_writes_a_model_or_refuses_in_one_line(tokenizer_file
     result = CliRunner().invoke(app, ["export", "--format", "hf", str(tmp_path / "out"), str(lm)])
     assert result.exit_code == 0 and "GPT2LMHeadModel" in result.output
     assert (tmp_path / "out" / "config.json").exists() and (tmp_path / "out" / "tokenizer.json").exists()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "out"), str(lm)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "not an empty directory" in result.output
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
     mean = saved(tmp_path / "mean", SequenceClassifier(tiny_gpt(vocab), 3, "mean"), tokenizer_file,
                  {"pad_id": 1, "max_length": 32})
     result = CliRunner().invoke(app, ["export", str(tmp_path / "out2"), str(mean)])

@@ -11,14 +11,19 @@ from torch import nn
 from pipeline.models.classifier import SequenceClassifier
 from pipeline.models.gpt import GPT, GPTConfig
 from pipeline.models.recurrent import RecurrentConfig, RecurrentLM
+from pipeline.models.transformers_classifier import TransformersClassifier
 
-__all__ = ["GPT", "GPTConfig", "RecurrentConfig", "RecurrentLM", "SequenceClassifier", "build_model",
-           "model_config", "with_dropout"]
+__all__ = ["GPT", "GPTConfig", "RecurrentConfig", "RecurrentLM", "SequenceClassifier",
+           "TransformersClassifier",
+           "build_model", "model_config", "with_dropout"]
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
     """A model from its config dict: {"arch": "gpt" | "lstm" | "gru", ...fields}, or
-    {"arch": "classifier", "backbone": {...}, "n_classes": N, "pooling": "last" | "mean"}."""
+    {"arch": "classifier", "backbone": {...}, "n_classes": N, "pooling": "last" | "mean"}, or
+    {"arch": "transformers", "transformers": {...its config}, "head": [...]}."""
+    if config["arch"] == "transformers":
+        return TransformersClassifier.from_config(config)
     if config["arch"] == "classifier":
         return SequenceClassifier(build_model(config["backbone"]), config["n_classes"], config["pooling"])
     fields = {k: v for k, v in config.items() if k != "arch"}
@@ -37,6 +42,8 @@ def model_config(model: nn.Module) -> dict[str, Any]:
     if isinstance(model, SequenceClassifier):
         return {"arch": "classifier", "backbone": model_config(model.backbone), "n_classes": model.n_classes,
                 "pooling": model.pooling}
+    if isinstance(model, TransformersClassifier):
+        return model.config()
     if isinstance(model, RecurrentLM):
         fields = asdict(model.cfg)
         return {"arch": fields.pop("cell"), **fields}

@@ -31,7 +31,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 
 from pipeline import ngram
 from pipeline.checkpoint import load_model, read_config
-from pipeline.classify import Classifier, predict_proba, read_examples, read_labels
+from pipeline.classify import Classifier, read_examples, read_labels
 from pipeline.config import Config, Evaluate, project_root
 from pipeline.files import InputError, atomic_path, write_json
 from pipeline.generate import generate
@@ -146,9 +146,8 @@ def tfidf_baseline(labeled: Path, mapping: dict[str, int], e: Evaluate, seed: in
 
 def classifier_metrics(classifier_dir: Path, tokens_dir: Path, labels: list[str]) -> tuple[dict, np.ndarray]:
     classifier = Classifier.load(classifier_dir)
-    test = read_examples(tokens_dir / "labeled", "test").truncated(classifier.max_length)
-    probs = predict_proba(classifier.model, test.ids, classifier.pad_id, 64, torch.device("cpu"))
-    predicted = probs.argmax(1)
+    test = read_examples(tokens_dir / "labeled", "test")
+    predicted = classifier.predict(test.texts)[1].argmax(1)
     return classification_metrics(test.labels, predicted, labels), np.stack([test.labels, predicted], 1)
 
 

@@ -21,6 +21,8 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import f1_score
+from torch import nn
 
 from pipeline.checkpoint import load_model, read_config, restore, save_model, write_checkpoint
 from pipeline.classify import (
@@ -38,13 +41,15 @@ from pipeline.classify import (
     predict_proba,
     read_examples,
     read_labels,
+    truncating,
 )
 from pipeline.config import Config, Finetune, project_root
 from pipeline.files import InputError, atomic_dir, file_digest, write_csv, write_json
-from pipeline.models import SequenceClassifier, with_dropout
+from pipeline.models import SequenceClassifier, TransformersClassifier, with_dropout
 from pipeline.progress import Progress
 from pipeline.shards import read_manifest
 from pipeline.stagecli import stage_main
+from pipeline.tracking import path_md5
 from pipeline.training import autocast, decay_groups, warmup_cosine
 
 BUCKET_BATCHES = 50
@@ -56,14 +61,94 @@ def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
     return torch.tensor(len(labels) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
 
 
-def optimizer_for(model: SequenceClassifier, cfg: Finetune) -> torch.optim.AdamW:
+def head_parameter_names(model: nn.Module) -> set[str]:
+    if isinstance(model, TransformersClassifier):
+        return model.head_parameter_names()
+    return {f"classifier.{name}" for name, _ in model.classifier.named_parameters()}
+
+
+def optimizer_for(model: nn.Module, cfg: Finetune) -> torch.optim.AdamW:
+    """Backbone at `learning_rate` (frozen in mode frozen), head at `head_learning_rate`; embeddings,
+    biases and norms without weight decay."""
+    head = head_parameter_names(model)
+    body = [(n, p) for n, p in model.named_parameters() if n not in head]
     if cfg.mode == "frozen":
-        model.backbone.requires_grad_(False)
-    groups = decay_groups(model.backbone.named_parameters(), cfg.weight_decay, ("wte.", "wpe."),
-                          lr=cfg.learning_rate, peak_lr=cfg.learning_rate)
-    groups += decay_groups(model.classifier.named_parameters(), cfg.weight_decay, (),
-                           lr=cfg.head_learning_rate, peak_lr=cfg.head_learning_rate)
+        for _, p in body:
+            p.requires_grad_(False)
+    embeddings = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, nn.Embedding))
+    groups = decay_groups(body, cfg.weight_decay, embeddings, lr=cfg.learning_rate, peak_lr=cfg.learning_rate)
+    groups += decay_groups([(n, p) for n, p in model.named_parameters() if n in head], cfg.weight_decay,
+                           (), lr=cfg.head_learning_rate, peak_lr=cfg.head_learning_rate)
     return torch.optim.AdamW([g for g in groups if g["params"]])
+
+
+@dataclass
+class Start:
+    """What fine-tuning starts from: the classifier (backbone + fresh head), the examples in its
+    tokenizer's ids, and how to write that tokenizer beside the result."""
+
+    model: nn.Module
+    train: Examples
+    val: Examples
+    pad_id: int
+    max_length: int
+    add_special_tokens: bool
+    base_digest: str
+    write_tokenizer: Callable[[Path], None]
+
+
+def pipeline_start(cfg: Config, base: Path, tokens_dir: Path, labels: dict[str, int]) -> Start:
+    f = cfg.finetune
+    backbone, lm_config = load_model(base)
+    if f.dropout is not None:
+        backbone = with_dropout(backbone, f.dropout)
+    max_length = min(cfg.tokenize.max_length, lm_config["model"]["context"])  # a GPT sees no further
+    labeled = tokens_dir / "labeled"
+    train = read_examples(labeled, "train").sample(f.max_examples, f.seed).truncated(max_length)
+    val = read_examples(labeled, "val").truncated(max_length)
+    torch.manual_seed(f.seed)
+    model = SequenceClassifier(backbone, len(labels), f.pooling)
+    pad_id = read_manifest(tokens_dir)["pad_id"]
+    return Start(model, train, val, pad_id, max_length, False, lm_config["sha256"],
+                 lambda out: shutil.copy(base / TOKENIZER_FILE, out / TOKENIZER_FILE))
+
+
+def transformers_start(cfg: Config, base: Path, tokens_dir: Path, labels: dict[str, int]) -> Start:
+    """A local transformers model with its own tokenizer (its special tokens added, as it was
+    trained); the labeled texts re-encoded with it."""
+    from transformers import AutoTokenizer
+
+    f = cfg.finetune
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(base), local_files_only=True)
+        torch.manual_seed(f.seed)
+        model = TransformersClassifier.from_pretrained(base, labels)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{base}: not a usable transformers model directory: {first_line}") from None
+    print(f"finetune: {type(model.model).__name__} from {base}; new: {', '.join(model.head)}",
+          file=sys.stderr)
+    if f.dropout is not None:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = f.dropout
+    hf_config = model.model.config
+    positions = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+    max_length = min(cfg.tokenize.max_length, positions or cfg.tokenize.max_length)
+    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+    hf_config.pad_token_id = pad_id  # a decoder's head reads the last non-pad token
+    backend = truncating(tokenizer.backend_tokenizer, max_length)
+    labeled = tokens_dir / "labeled"
+    train = read_examples(labeled, "train").sample(f.max_examples, f.seed).encoded(backend, True)
+    val = read_examples(labeled, "val").encoded(backend, True)
+    return Start(model, train, val, pad_id, max_length, True, path_md5(base),
+                 lambda out: tokenizer.save_pretrained(str(out)))
+
+
+def is_transformers_dir(directory: Path) -> bool:
+    """A transformers model directory: its config.json names a `model_type` (ours names an `arch`)."""
+    config = directory / "config.json"
+    return config.exists() and "model_type" in json.loads(config.read_text())
 
 
 def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -79,7 +164,7 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def macro_f1(model: SequenceClassifier, examples: Examples, pad_id: int, batch_size: int,
+def macro_f1(model: nn.Module, examples: Examples, pad_id: int, batch_size: int,
              device: torch.device) -> float:
     probs = predict_proba(model, examples.ids, pad_id, batch_size, device)
     return float(f1_score(examples.labels, probs.argmax(1), average="macro"))
@@ -90,9 +175,9 @@ def fresh_progress() -> dict[str, Any]:
             "val_curve": [], "seconds_training": 0.0}
 
 
-def fingerprint(cfg: Finetune, lm_sha256: str, labeled_sha256: str) -> str:
-    params = cfg.model_dump(exclude={"resume"})
-    identity = json.dumps([params, lm_sha256, labeled_sha256], sort_keys=True)
+def fingerprint(cfg: Finetune, base_digest: str, labeled_sha256: str) -> str:
+    params = cfg.model_dump(exclude={"resume", "base"})  # the base counts by its bytes, not its path
+    identity = json.dumps([params, base_digest, labeled_sha256], sort_keys=True)
     return hashlib.sha256(identity.encode()).hexdigest()
 
 
@@ -101,37 +186,35 @@ def write_curves(plots: Path, progress: dict[str, Any]) -> None:
         write_csv(plots / f"finetune_{name}.csv", ["step", column], progress[f"{name}_curve"])
 
 
-def run(cfg: Config, lm_dir: Path, tokens_dir: Path, out_dir: Path, checkpoints: Path, metrics_dir: Path,
+def run(cfg: Config, base: Path, tokens_dir: Path, out_dir: Path, checkpoints: Path, metrics_dir: Path,
         tracked: Any = None) -> dict[str, Any]:
-    """Train the classifier; the best by validation macro-F1 goes to `out_dir`. Returns the metrics."""
+    """Train the classifier on `base` (this pipeline's LM or a local transformers model); the best by
+    validation macro-F1 goes to `out_dir`. Returns the metrics."""
     f = cfg.finetune
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     labeled = tokens_dir / "labeled"
     mapping = read_labels(labeled / LABELS_FILE)
-    backbone, lm_config = load_model(lm_dir)
-    if f.dropout is not None:
-        backbone = with_dropout(backbone, f.dropout)
-    max_length = min(cfg.tokenize.max_length, lm_config["model"]["context"])  # a GPT sees no further
-    train = read_examples(labeled, "train").sample(f.max_examples, f.seed).truncated(max_length)
-    val = read_examples(labeled, "val").truncated(max_length)
+    if not (base / "config.json").exists():
+        raise InputError(f"{base}: no model here (config.json missing): run pretrain, or set finetune.base")
+    begin = transformers_start if is_transformers_dir(base) else pipeline_start
+    start = begin(cfg, base, tokens_dir, mapping)
+    train, val, pad_id = start.train, start.val, start.pad_id
     unseen = set(np.unique(val.labels)) - set(np.unique(train.labels))
     if unseen:
         names = sorted(n for n, i in mapping.items() if i in unseen)
         raise InputError(f"{labeled}: labels {names} appear in val but not in the train examples used")
-    pad_id = read_manifest(tokens_dir)["pad_id"]
-    torch.manual_seed(f.seed)
-    model = SequenceClassifier(backbone, len(mapping), f.pooling).to(device)
+    model = start.model.to(device).train()  # transformers loads models in eval mode
     optimizer = optimizer_for(model, f)
     weights = class_weights(train.labels, len(mapping)).to(device) if f.class_weights else None
     steps_per_epoch = math.ceil(len(train) / f.batch_size)
     max_steps = f.epochs * steps_per_epoch
     example_lengths = np.array([len(ids) for ids in train.ids])
     plan: tuple[int, list[np.ndarray]] = (-1, [])
-    run_fingerprint = fingerprint(f, lm_config["sha256"], file_digest(labeled / "train.arrow"))
+    run_fingerprint = fingerprint(f, start.base_digest, file_digest(labeled / "train.arrow"))
     progress = restore(checkpoints, run_fingerprint, model, optimizer, fresh_progress(), "finetune") \
         if f.resume == "auto" else fresh_progress()
-    extra = {"pad_id": pad_id, "max_length": max_length, "labels": mapping,
-             "lm_sha256": lm_config["sha256"]}
+    extra = {"pad_id": pad_id, "max_length": start.max_length, "labels": mapping,
+             "add_special_tokens": start.add_special_tokens, "base_digest": start.base_digest}
     stopped_early = False
     bar = Progress("finetune", max_steps, "step", progress["step"], ("examples", f.batch_size))
     while progress["step"] < max_steps and not stopped_early:
@@ -179,12 +262,13 @@ def run(cfg: Config, lm_dir: Path, tokens_dir: Path, out_dir: Path, checkpoints:
     bar.close()
     with atomic_dir(out_dir) as tmp:
         shutil.copytree(checkpoints / "best", tmp, dirs_exist_ok=True)
-        shutil.copy(lm_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+        start.write_tokenizer(tmp)
         write_json(tmp / LABELS_FILE, mapping)
     best = read_config(out_dir)
     metrics = {
         "val_macro_f1": round(best["val_macro_f1"], 4), "best_step": best["step"], "steps": progress["step"],
-        "stopped_early": stopped_early, "train_examples": len(train), "mode": f.mode, "pooling": f.pooling,
+        "stopped_early": stopped_early, "train_examples": len(train), "mode": f.mode,
+        "pooling": f.pooling if isinstance(model, SequenceClassifier) else "transformers",
         "examples_per_s": round(progress["step"] * f.batch_size / max(progress["seconds_training"], 1e-9), 1),
     }
     write_json(metrics_dir / "finetune.json", metrics)
@@ -196,11 +280,12 @@ def execute(cfg: Config) -> str:
     from pipeline import tracking
 
     paths = {name: project_root() / getattr(cfg.paths, name)
-             for name in ("lm", "tokens", "classifier", "finetune_checkpoints", "metrics")}
-    inputs = {"lm": paths["lm"], "labeled": paths["tokens"] / "labeled"}
+             for name in ("tokens", "classifier", "finetune_checkpoints", "metrics")}
+    paths["base"] = project_root() / cfg.finetune.base
+    inputs = {"base": paths["base"], "labeled": paths["tokens"] / "labeled"}
     with tracking.stage_run("finetune", cfg.tracking, cfg.finetune.model_dump(), inputs,
                             {"classifier": paths["classifier"]}) as run_log:
-        metrics = run(cfg, paths["lm"], paths["tokens"], paths["classifier"], paths["finetune_checkpoints"],
+        metrics = run(cfg, paths["base"], paths["tokens"], paths["classifier"], paths["finetune_checkpoints"],
                       paths["metrics"], run_log)
         run_log.log_metrics(tracking.numeric_leaves(metrics))
         version = tracking.register_model(run_log, paths["classifier"], cfg.tracking.classifier_model,

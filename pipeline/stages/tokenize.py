@@ -5,7 +5,8 @@ Outputs:
 - `paths.tokenizer/tokenizer.json`: loads with `tokenizers.Tokenizer.from_file` and with
   `transformers.PreTrainedTokenizerFast(tokenizer_file=...)`, giving the same ids;
 - `paths.tokens/<split>/<split>-NNNNN.arrow`: fixed-size shards (see `pipeline/shards.py`);
-- `paths.tokens/labeled/<split>.arrow`: `ids` (list of ids, truncated) and `label` (int) per example,
+- `paths.tokens/labeled/<split>.arrow`: `ids` (list of ids, truncated), `label` (int) and `text` (the
+  clean text, for a fine-tune on a transformers model with its own tokenizer) per example,
   with `labels.json` mapping label names to ints (from the train split, sorted) and `summary.json`
   (the mapping, examples and truncated examples per split);
 - `paths.tokens/manifest.json` (the corpus shards only: every shard's sha256, tokens, documents,
@@ -189,8 +190,9 @@ def encode_labeled(tokenizer: Tokenizer, labeled: Path, out_dir: Path, cfg: Toke
         ids = [e.ids[: cfg.max_length] for e in encodings]
         labels = [mapping[table["label"][i]] for i in rows]
         dtype = pa.uint16() if tokenizer.get_vocab_size() <= 2**16 else pa.uint32()
-        batch = pa.record_batch([pa.array(ids, type=pa.list_(dtype)), pa.array(labels, type=pa.int32())],
-                                names=["ids", "label"])
+        texts = [table["text"][i] for i in rows]
+        batch = pa.record_batch([pa.array(ids, type=pa.list_(dtype)), pa.array(labels, type=pa.int32()),
+                                 pa.array(texts, type=pa.string())], names=["ids", "label", "text"])
         with pa.OSFile(str(out_dir / "labeled" / f"{split}.arrow"), "wb") as sink, \
                 pa.ipc.new_file(sink, batch.schema) as writer:
             writer.write_batch(batch)
