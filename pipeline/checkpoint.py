@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,12 @@ def is_tied_head(key: str) -> bool:
     return key == "head.weight" or key.endswith(".head.weight")
 
 
-def save_model(directory: Path, model: nn.Module, extra: dict[str, Any] | None = None) -> None:
-    """Weights + config.json, written atomically as one directory."""
+def save_model(directory: Path, model: nn.Module, extra: dict[str, Any] | None = None,
+               state: dict[str, torch.Tensor] | None = None) -> None:
+    """Weights (`state`, or the model's own) + config.json, written atomically as one directory."""
     with atomic_dir(directory) as tmp:
         # tied weights share storage: safetensors stores each tensor once, so drop the alias
-        state = model.state_dict()
+        state = state if state is not None else model.state_dict()
         weights = {k: v.detach().cpu().contiguous() for k, v in state.items() if not is_tied_head(k)}
         save_file(weights, str(tmp / WEIGHTS))
         config = {"model": model_config(model), "sha256": file_digest(tmp / WEIGHTS), **(extra or {})}
@@ -73,9 +75,11 @@ def load_state(path: Path) -> dict[str, Any]:
 
 
 def restore(checkpoints: Path, expected: str, model: nn.Module, optimizer: torch.optim.Optimizer,
-            fresh: dict[str, Any], stage: str) -> dict[str, Any]:
+            fresh: dict[str, Any], stage: str, load: Callable[[dict, dict], None] | None = None
+            ) -> dict[str, Any]:
     """The training progress saved in `checkpoints` when it belongs to this run (same fingerprint),
-    with the model, optimizer and torch RNG restored; else `fresh`."""
+    with the model, optimizer and torch RNG restored (by `load(weights, optimizer state)` when given:
+    a sharded model); else `fresh`."""
     if not (checkpoints / STATE).exists():
         return fresh
     state = load_state(checkpoints / STATE)
@@ -86,16 +90,22 @@ def restore(checkpoints: Path, expected: str, model: nn.Module, optimizer: torch
         print(f"{stage}: checkpoint has lost its best model; starting fresh", file=sys.stderr)
         return fresh
     saved, _ = load_model(checkpoints / "model")
-    model.load_state_dict(saved.state_dict())
-    optimizer.load_state_dict(state["optimizer"])
+    if load is not None:
+        load(saved.state_dict(), state["optimizer"])
+    else:
+        model.load_state_dict(saved.state_dict())
+        optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     print(f"{stage}: resuming at step {state['step']}", file=sys.stderr)
     return {k: state.get(k, default) for k, default in fresh.items()}
 
 
 def write_checkpoint(checkpoints: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     progress: dict[str, Any], fingerprint: str) -> None:
-    """Weights (`checkpoints/model`) and the training state beside them, each written atomically."""
-    save_model(checkpoints / "model", model, {"step": progress["step"]})
-    save_state(checkpoints / STATE, {**progress, "optimizer": optimizer.state_dict(),
+                     progress: dict[str, Any], fingerprint: str,
+                     full: tuple[dict, dict] | None = None) -> None:
+    """Weights (`checkpoints/model`) and the training state beside them, each written atomically;
+    `full`: the model and optimizer state gathered from a sharded model."""
+    weights, optimizer_state = full if full is not None else (None, optimizer.state_dict())
+    save_model(checkpoints / "model", model, {"step": progress["step"]}, weights)
+    save_state(checkpoints / STATE, {**progress, "optimizer": optimizer_state,
                                      "torch_rng": torch.get_rng_state(), "fingerprint": fingerprint})

@@ -204,6 +204,8 @@ class Pretrain(Section):
     checkpoint_every: int = Field(100, ge=1, description="steps between resumable checkpoints")
     resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the last checkpoint")
     compile: bool = Field(False, description="torch.compile the model")
+    parallel: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun: ddp (a whole model per "
+                                             "rank) or fsdp (FSDP2: parameters and state sharded)")
     init_embeddings: bool = Field(
         True, description="start the token embedding from the token GloVe vectors (paths.glove_token)"
     )

@@ -47,11 +47,13 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class WindowPosition:
-    """Where a random-window stream stands: enough to resume it exactly."""
+    """Where a random-window stream stands: enough to resume it exactly. With `world` processes,
+    rank r reads slice r of the global batch, so the ranks together read what one process would."""
 
     seed: int
     rank: int
     step: int
+    world: int = 1
 
 
 class TokenShards:
@@ -93,14 +95,16 @@ class TokenShards:
         return np.concatenate(pieces).astype(np.int64)
 
     def random_windows(self, length: int, batch_size: int, position: WindowPosition) -> Iterator[np.ndarray]:
-        """Batches (batch_size, length + 1) of windows at random offsets; step k's batch depends only
-        on (seed, rank, k), so every rank reads different windows and a resumed run the same ones."""
+        """Batches (batch_size, length + 1) of windows at random offsets; step k's global batch
+        (batch_size x world windows) depends only on (seed, k), so every rank reads different windows,
+        any world size the same global batch, and a resumed run the same ones."""
         if len(self) <= length + 1:
             raise InputError(f"{self.directory}: {len(self)} tokens cannot fill a window of {length + 1}")
         step = position.step
         while True:
-            rng = np.random.default_rng([position.seed, position.rank, step])
-            starts = rng.integers(0, len(self) - length - 1, size=batch_size)
+            rng = np.random.default_rng([position.seed, 0, step])
+            starts = rng.integers(0, len(self) - length - 1, size=batch_size * position.world)
+            starts = starts[position.rank * batch_size : (position.rank + 1) * batch_size]
             yield np.stack([self.slice(int(s), length + 1) for s in starts])
             step += 1
 

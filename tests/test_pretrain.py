@@ -1,8 +1,9 @@
-"""The pretrain stage on a tiny real token set: exact resume after SIGKILL, DDP over gloo, NaN stop,
-tampered checkpoints, generation."""
+"""The pretrain stage on a tiny real token set: exact resume after SIGKILL (one process, and FSDP on
+two), DDP and FSDP over gloo against one process, NaN stop, tampered checkpoints, generation."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -51,31 +52,47 @@ def launch(params: dict[str, Any], out: Path, ranks: int = 1) -> subprocess.Pope
                             stderr=subprocess.STDOUT, text=True)
 
 
+def descendants(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    found = [int(c) for c in children.read_text().split()] if children.exists() else []
+    return found + [d for c in found for d in descendants(c)]
+
+
+def kill_tree(process: subprocess.Popen[str]) -> None:
+    """SIGKILL a process and its descendants (torchrun's workers, in sessions of their own)."""
+    tree = [process.pid, *descendants(process.pid)]
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def finish(process: subprocess.Popen[str]) -> str:
     output, _ = process.communicate(timeout=240)
     assert process.returncode == 0, output
     return output
 
 
-@pytest.mark.parametrize("objective", ["clm", "mlm"])
+@pytest.mark.parametrize(("objective", "ranks"), [("clm", 1), ("mlm", 1), ("clm", 2)],
+                         ids=["clm", "mlm", "clm-fsdp-2"])
 def test_sigkill_then_resume_gives_bit_identical_weights(tiny_project, tmp_path: Path,
-                                                        objective: str) -> None:
+                                                        objective: str, ranks: int) -> None:
     # a model big enough that 24 steps take seconds, so the kill lands mid-run
     model = {**TINY_MODEL, "n_embd": 128, "context": 128}
-    shape = {"model": model, "max_steps": 24, "batch_size": 16, "objective": objective}
+    shape = {"model": model, "max_steps": 24, "batch_size": 16 // ranks, "objective": objective,
+             "parallel": "fsdp" if ranks > 1 else "ddp"}
     params = pretrain_params(tiny_project, tmp_path / "whole", **shape)
-    finish(launch(params, tmp_path / "whole"))
+    finish(launch(params, tmp_path / "whole", ranks))
     broken = pretrain_params(tiny_project, tmp_path / "broken", **shape)
-    process = launch(broken, tmp_path / "broken")
+    process = launch(broken, tmp_path / "broken", ranks)
     state = tmp_path / "broken" / "checkpoints" / STATE
     deadline = time.time() + 120
     while time.time() < deadline and not (state.exists() and load_state(state)["step"] >= 8):
         time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
+    kill_tree(process)
     process.wait()
     killed_at = load_state(state)["step"]
     assert process.returncode == -signal.SIGKILL and 8 <= killed_at < 24
-    output = finish(launch(broken, tmp_path / "broken"))
+    output = finish(launch(broken, tmp_path / "broken", ranks))
     assert f"resuming at step {killed_at}" in output
     for name in ("checkpoints/model", "checkpoints/best", "lm"):
         whole = tmp_path / "whole" / name / WEIGHTS
@@ -83,21 +100,23 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tiny_project, tmp_path:
         assert file_digest(whole) == file_digest(resumed), name
 
 
-def test_two_gloo_processes_match_one_with_the_same_global_batch(tiny_project, tmp_path: Path) -> None:
-    single = pretrain_params(tiny_project, tmp_path / "one", batch_size=8, max_steps=16, eval_every=8)
-    double = pretrain_params(tiny_project, tmp_path / "two", batch_size=4, max_steps=16, eval_every=8)
-    finish(launch(single, tmp_path / "one"))
-    finish(launch(double, tmp_path / "two", ranks=2))
-    curves = {}
-    for name in ("one", "two"):
+def test_ddp_and_fsdp_on_two_gloo_processes_match_one_process(tiny_project, tmp_path: Path) -> None:
+    """The same global batch (8 windows: 4 per rank) gives the same run: losses to 1e-5, weights to 1e-5."""
+    runs = {"one": (1, "ddp", 8), "ddp": (2, "ddp", 4), "fsdp": (2, "fsdp", 4)}
+    curves, weights = {}, {}
+    for name, (ranks, parallel, batch) in runs.items():
+        params = pretrain_params(tiny_project, tmp_path / name, batch_size=batch, max_steps=12, eval_every=4,
+                                 grad_accum=2, parallel=parallel)
+        finish(launch(params, tmp_path / name, ranks))
         metrics = json.loads((tmp_path / name / "m" / "pretrain.json").read_text())
-        rows = (tmp_path / name / "m" / "plots" / "pretrain_train.csv").read_text().split()[1:]
-        curves[name] = [float(r.split(",")[1]) for r in rows]
-        assert metrics["world_size"] == (2 if name == "two" else 1)
-    one, two = curves["one"], curves["two"]
-    assert len(one) == len(two) == 16
-    assert one[-1] < one[0] - 0.5 and two[-1] < two[0] - 0.5  # both learn
-    assert abs(sum(one[-4:]) / 4 - sum(two[-4:]) / 4) < 0.25 * sum(one[-4:]) / 4  # same shape
+        assert metrics["world_size"] == ranks and metrics["parallel"] == (parallel if ranks > 1 else "none")
+        curves[name] = [float(row.split(",")[1]) for plot in ("train", "val") for row in
+                        (tmp_path / name / "m" / "plots" / f"pretrain_{plot}.csv").read_text().split()[1:]]
+        weights[name] = load_file(tmp_path / name / "lm" / WEIGHTS)
+    assert len(curves["one"]) == 12 + 3 and curves["one"][11] < curves["one"][0] - 0.5  # it learns
+    for name in ("ddp", "fsdp"):
+        assert max(abs(a - b) for a, b in zip(curves[name], curves["one"], strict=True)) < 1e-5, name
+        assert max((weights[name][k] - w).abs().max().item() for k, w in weights["one"].items()) < 1e-5
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_project, tmp_path: Path,

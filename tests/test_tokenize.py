@@ -156,11 +156,14 @@ def test_windows_are_deterministic_and_differ_by_rank(tokenized: tuple[Path, dic
     shards = TokenShards(root / "tokens", "train")
     first = next(shards.random_windows(32, 4, WindowPosition(seed=1, rank=0, step=0)))
     again = next(shards.random_windows(32, 4, WindowPosition(seed=1, rank=0, step=0)))
-    other = next(shards.random_windows(32, 4, WindowPosition(seed=1, rank=1, step=0)))
+    ranks = [next(shards.random_windows(32, 2, WindowPosition(seed=1, rank=r, step=0, world=2)))
+             for r in (0, 1)]
+    assert np.array_equal(np.concatenate(ranks), first)  # two ranks read one process's global batch
+    other = ranks[1]
     stream = shards.random_windows(32, 4, WindowPosition(seed=1, rank=0, step=0))
     next(stream)
     resumed = next(shards.random_windows(32, 4, WindowPosition(seed=1, rank=0, step=1)))
-    assert first.shape == (4, 33) and np.array_equal(first, again) and not np.array_equal(first, other)
+    assert first.shape == (4, 33) and np.array_equal(first, again) and not np.array_equal(ranks[0], other)
     assert np.array_equal(next(stream), resumed)
 
 

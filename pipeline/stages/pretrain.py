@@ -7,8 +7,10 @@ accuracy on fixed masks.
 AdamW (weight decay on matrices only: not on biases, norm gains or the token/position embeddings,
 which the output head shares), linear warmup then cosine decay, gradient clipping and accumulation,
 early stopping on validation loss. fp32 on CPU, bf16 autocast and TF32 on CUDA. Launched with
-`torchrun --nproc_per_node=N` it trains with DistributedDataParallel (NCCL on GPUs, gloo on CPU);
-each rank reads different windows and only rank 0 writes.
+`torchrun --nproc_per_node=N` it trains data-parallel (NCCL on GPUs, gloo on CPU), with DDP or, with
+`parallel: fsdp`, FSDP2 (parameters, gradients and optimizer state sharded over the ranks); rank r
+reads slice r of the step's global batch (so any world size reads the same data) and only rank 0
+writes, a sharded model's state gathered first.
 
 Resumable exactly: every `checkpoint_every` steps the weights (safetensors) and a training state
 (optimizer, step, RNG, early-stopping state; the sampler's position is the step) are written
@@ -37,8 +39,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.checkpoint import load_model, restore, save_model, write_checkpoint
 from pipeline.config import Config, Pretrain, project_root
+from pipeline.distributed import gather, gather_model, join, mean_over_ranks, scatterer, shard
 from pipeline.files import InputError, atomic_dir, file_digest, write_csv, write_json
-from pipeline.models import build_model
+from pipeline.models import GPT, build_model
 from pipeline.ngram import unigram_bits_per_token
 from pipeline.progress import Progress
 from pipeline.shards import TokenShards, WindowPosition, read_manifest
@@ -133,18 +136,6 @@ def peak_flops(device: torch.device) -> float:
     return 4 * 2 * 1024**3 / best
 
 
-def distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device), joining the process group when launched by torchrun."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, local = dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return rank, dist.get_world_size(), device
-
-
 def fresh_progress() -> dict[str, Any]:
     # timing is cumulative over every process that trained this run, so a resumed run reports it all
     return {"step": 0, "best_val": float("inf"), "best_saved": False, "bad_evals": 0, "train_curve": [],
@@ -194,7 +185,7 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
     """Train until max_steps or early stopping; rank 0 writes the best model (by validation loss,
     kept in `checkpoints/best` as training goes) to `lm_dir` at the end."""
     p = cfg.pretrain
-    rank, world, device = distributed()
+    rank, world, device = join()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     manifest = read_manifest(tokens_dir)
@@ -211,17 +202,23 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
         with torch.no_grad():
             model.wte.weight.copy_(glove_embedding(glove_dir, model.wte.weight.detach().cpu()))
         data_digest += file_digest(glove_dir / "vectors.safetensors")  # other vectors: no resume
+    fsdp = p.parallel == "fsdp"  # its checkpoints hold the gathered state, at any world size
+    if fsdp and not isinstance(model, GPT):
+        raise InputError("pretrain.parallel fsdp shards a transformer's blocks; an LSTM/GRU trains with ddp")
+    if fsdp and world > 1:
+        shard(model, model.blocks, world, device)
     optimizer = optimizer_for(model, p)
     run_fingerprint = fingerprint(p, data_digest)
     resuming = p.resume == "auto"
-    progress = restore(checkpoints, run_fingerprint, model, optimizer, fresh_progress(), "pretrain") \
+    load = scatterer(model, optimizer) if fsdp else None
+    progress = restore(checkpoints, run_fingerprint, model, optimizer, fresh_progress(), "pretrain", load) \
         if resuming else fresh_progress()
-    trained: nn.Module = DistributedDataParallel(model) if world > 1 else model
+    trained: nn.Module = DistributedDataParallel(model) if world > 1 and not fsdp else model
     if p.compile:
         trained = torch.compile(trained)  # type: ignore[assignment]
     val_windows = next(val.sequential_windows(p.model.context, p.eval_windows))  # fixed for the run
     stream = train.random_windows(p.model.context, p.batch_size,
-                                  WindowPosition(p.seed, rank, progress["step"] * p.grad_accum))
+                                  WindowPosition(p.seed, rank, progress["step"] * p.grad_accum, world))
     tokens_per_step = p.batch_size * p.grad_accum * p.model.context * world
     flops_per_step = model.flops_per_token() * tokens_per_step  # type: ignore[operator]
     if masked:  # the head runs on the masked positions only
@@ -239,8 +236,10 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
             fetch_started = time.perf_counter()
             batch = torch.from_numpy(next(stream)).to(device, non_blocking=True)
             progress["seconds_waiting"] += time.perf_counter() - fetch_started
-            sync = contextlib.nullcontext() if world == 1 or micro == p.grad_accum - 1 else trained.no_sync()
-            with sync:
+            last = micro == p.grad_accum - 1
+            if fsdp and world > 1:
+                model.set_requires_gradient_sync(last)  # type: ignore[operator]
+            with contextlib.nullcontext() if world == 1 or fsdp or last else trained.no_sync():
                 if masked:
                     generator = masking_generator(p.seed, rank, progress["step"], micro)
                     inputs, targets = mask_tokens(batch[:, :-1].cpu(), manifest["mask_id"], specials,
@@ -251,6 +250,7 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
                 loss = loss / p.grad_accum
                 loss.backward()
             loss_sum += loss.item()
+        loss_sum = mean_over_ranks(loss_sum, world, device)
         if not math.isfinite(loss_sum):
             raise TrainingError(f"loss is {loss_sum} at step {progress['step'] + 1}; "
                                 f"the last good checkpoint is kept in {checkpoints}")
@@ -275,14 +275,17 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
                 tracked.log_metrics({"val_loss": val_loss}, step=step)
             if val_loss < progress["best_val"]:
                 progress["best_val"], progress["bad_evals"], progress["best_saved"] = val_loss, 0, True
+                weights = gather_model(model, world) if fsdp else None  # every rank takes part
                 if rank == 0:
                     extra = {"step": step, "val_loss": val_loss, "eot_id": manifest["eot_id"]}
-                    save_model(checkpoints / "best", model, extra)
+                    save_model(checkpoints / "best", model, extra, weights)
             else:
                 progress["bad_evals"] += 1
                 stopped_early = progress["bad_evals"] >= p.patience
-        if rank == 0 and (step % p.checkpoint_every == 0 or step == p.max_steps or stopped_early):
-            write_checkpoint(checkpoints, model, optimizer, progress, run_fingerprint)
+        if step % p.checkpoint_every == 0 or step == p.max_steps or stopped_early:
+            full = gather(model, optimizer, world) if fsdp else None
+            if rank == 0:
+                write_checkpoint(checkpoints, model, optimizer, progress, run_fingerprint, full)
     bar.close()
     metrics: dict[str, Any] = {}
     if rank == 0:
@@ -299,7 +302,7 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
             "tokens_per_s": round(tokens_per_step * steps_run / elapsed, 1) if elapsed else 0.0,
             "mfu": round(flops_per_step * steps_run / elapsed / peak, 4) if elapsed and peak else 0.0,
             "data_wait_share": round(progress["seconds_waiting"] / elapsed, 4) if elapsed else 0.0,
-            "world_size": world, "device": device.type,
+            "world_size": world, "parallel": p.parallel if world > 1 else "none", "device": device.type,
         }
         write_json(metrics_dir / "pretrain.json", metrics)
         write_curves(metrics_dir / "plots", progress)
