@@ -206,9 +206,9 @@ class Pretrain(Section):
     compile: bool = Field(False, description="torch.compile the model")
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun: ddp (a whole model per "
                                              "rank) or fsdp (FSDP2: parameters and state sharded)")
-    init_embeddings: bool = Field(
-        True, description="start the token embedding from the token GloVe vectors (paths.glove_token)"
-    )
+    init_embeddings: bool = Field(True, description="start the token embedding from the token GloVe vectors")
+    init_from: str = Field("models/init", description="start from the model in this directory, if it "
+                           "holds one (ours or a transformers GPT-2 of the same shape and vocabulary)")
     seed: int = 1337
 
     @model_validator(mode="after")
@@ -328,9 +328,7 @@ class Evaluate(Section):
         description="the baseline's inverse regularisation strengths; the best on val (with or without "
         "balanced class weights) is scored on test",
     )
-    pseudo_perplexity_windows: int = Field(
-        8, ge=1, description="mlm: test windows scored token by token (one forward pass per token)"
-    )
+    pseudo_perplexity_windows: int = Field(8, ge=1, description="mlm: test windows scored token by token")
     samples: list[str] = Field(
         default_factory=lambda: ["The history of", "In mathematics,", "The city is"],
         description="prompts for the report's generated samples",
@@ -366,13 +364,10 @@ class Paths(Section):
     metrics: str = "metrics"
 
 
-
 class Tracking(Section):
     enabled: bool = True
     experiment: str = "llm-pipeline"
-    uri: str | None = Field(
-        None, description="MLflow tracking URI; default sqlite:///<project>/mlflow.db"
-    )
+    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite:///<project>/mlflow.db")
     classifier_model: str = Field("sentiment-classifier", description="registered model name (finetune)")
     lm_model: str = Field("pretrained-lm", description="registered model name (pretrain)")
 

@@ -81,6 +81,56 @@ def gpt2_weights(gpt: GPT) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 
+def gpt_weights_from_gpt2(directory: Path, gpt: GPT, vocabulary: dict[str, int]) -> dict[str, torch.Tensor]:
+    """The weights of a transformers GPT-2 directory under our GPT's names (the inverse of
+    `gpt2_weights`), for starting pretraining from it. Refused in one line unless it has our shape
+    (layers, heads, width, context, 4x MLP), our tokenizer's vocabulary, and zero biases when our model
+    has none; a tanh-approximated GELU (GPT-2's own) is accepted with a note (an initialisation)."""
+    import sys
+
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+
+    config = json.loads((directory / "config.json").read_text())
+    cfg = gpt.cfg
+    if config.get("model_type") != "gpt2":
+        raise InputError(f"{directory}: a {config.get('model_type')} model; pretraining starts from a "
+                         "GPT-2 only")
+    theirs = tuple(config[k] for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"))
+    ours = (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.context, cfg.vocab_size)
+    if theirs != ours or (config.get("n_inner") or 4 * cfg.n_embd) != 4 * cfg.n_embd:
+        raise InputError(f"{directory}: shape (layers, heads, width, context, vocab) {theirs} is not "
+                         f"pretrain.model's {ours}")
+    tokenizer = directory / TOKENIZER_FILE
+    if not tokenizer.exists() or Tokenizer.from_file(str(tokenizer)).get_vocab() != vocabulary:
+        raise InputError(f"{directory}: its tokenizer is not this pipeline's (train on its vocabulary with "
+                         "tokenize.tokenizer_file)")
+    if config.get("activation_function", "gelu_new") != "gelu":
+        print(f"pretrain: {directory} uses {config.get('activation_function', 'gelu_new')}; ours is the "
+              "exact GELU (an initialisation, not the same function)", file=sys.stderr)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise InputError(f"{directory}: no safetensors weights")
+    state = {k.removeprefix("transformer."): v for f in files for k, v in load_file(str(f)).items()}
+    mapped = {"wte.weight": state["wte.weight"], "wpe.weight": state["wpe.weight"],
+              "ln_f.weight": state["ln_f.weight"]}
+    biases = {"ln_f.bias": state["ln_f.bias"]}
+    for i in range(cfg.n_layer):
+        h = f"h.{i}."
+        for ours_name, theirs_name in (("ln_1", "ln_1"), ("ln_2", "ln_2")):
+            mapped[f"blocks.{i}.{ours_name}.weight"] = state[h + theirs_name + ".weight"]
+            biases[f"blocks.{i}.{ours_name}.bias"] = state[h + theirs_name + ".bias"]
+        for ours_name, theirs_name in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
+                                       ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
+            mapped[f"blocks.{i}.{ours_name}.weight"] = state[h + theirs_name + ".weight"].t()
+            biases[f"blocks.{i}.{ours_name}.bias"] = state[h + theirs_name + ".bias"]
+    if cfg.bias:
+        mapped.update(biases)
+    elif any(b.abs().max() > 0 for b in biases.values()):
+        raise InputError(f"{directory}: its biases are not zero; set pretrain.model.bias: true to keep them")
+    return {k: v.contiguous() for k, v in mapped.items()}
+
+
 def fold_head_bias(weights: dict[str, torch.Tensor], head: torch.nn.Linear) -> None:
     """GPT-2's classification head has no bias: shift the final norm's bias by d with W d = b (W has
     full row rank: fewer classes than channels), so W (h + d) = W h + b."""

@@ -38,7 +38,7 @@ def tiny_project(root: Path) -> Path:
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
                            check=True).stdout.split()
     for name in files:
-        if name.startswith(("pipeline/", "flows/")) or name in ("dvc.yaml", "params.yaml"):
+        if name.startswith(("pipeline/", "flows/", "models/")) or name in ("dvc.yaml", "params.yaml"):
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(REPO / name, root / name)
     lines = resolve_package_path(SENTIMENT_CSV).read_bytes().split(b"\r\n")

@@ -191,6 +191,8 @@ def test_the_base_directory_is_a_dvc_input_and_named_in_lineage(tuned, tiny_proj
         (stage,) = repo.stage.collect("finetune")
         assert f"models/my-{kind}" in [d.def_path for d in stage.deps]
         assert "data/lm" not in [d.def_path for d in stage.deps]
+        (pretraining,) = repo.stage.collect("pretrain")  # its starting model is an input too
+        assert "models/init" in [d.def_path for d in pretraining.deps]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     params = import_params(params, base_dir, tmp_path, epochs=1)

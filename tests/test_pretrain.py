@@ -254,3 +254,34 @@ def test_a_missing_tokenizer_is_refused_before_training(tiny_project, tmp_path: 
         pretrain.run(params, root / "tokens", tmp_path / "no-tokenizer", tmp_path / "lm",
                      tmp_path / "checkpoints", tmp_path / "m")
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "lm").exists()
+
+
+def test_pretraining_starts_from_our_lm_or_its_gpt2_export_alike(tiny_project, tmp_path: Path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pipeline.hf import export
+
+    root, params = tiny_project
+    tokens = {"eot": params["tokenize"]["eot_token"], "pad": params["tokenize"]["pad_token"]}
+
+    def pretrain_from(name: str, init: Path) -> dict[str, Any]:
+        cfg = parse_config(pretrain_params(tiny_project, tmp_path / name, max_steps=3, eval_every=3))
+        out = tmp_path / name
+        pretrain.run(cfg, root / "tokens", root / "tokenizer", out / "lm", out / "ck", out / "m",
+                     init_dir=init)
+        rows = (out / "m" / "plots" / "pretrain_train.csv").read_text().split()[1:]
+        return {"losses": [float(r.split(",")[1]) for r in rows], "weights": load_file(out / "lm" / WEIGHTS)}
+
+    first = pretrain_from("first", tmp_path / "no-model-here")
+    export(tmp_path / "first" / "lm", tmp_path / "gpt2", tokens)
+    ours = pretrain_from("ours", tmp_path / "first" / "lm")
+    theirs = pretrain_from("theirs", tmp_path / "gpt2")
+    assert ours["losses"][0] < first["losses"][0] - 0.3  # it starts where the first model ended
+    assert max(abs(a - b) for a, b in zip(ours["losses"], theirs["losses"], strict=True)) < 1e-5
+    assert max((ours["weights"][k] - w).abs().max().item() for k, w in theirs["weights"].items()) < 1e-5
+    narrow = tmp_path / "narrow"
+    config = GPT2Config(vocab_size=512, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    GPT2LMHeadModel(config).save_pretrained(str(narrow))
+    with pytest.raises(InputError, match=r"is not pretrain\.model's") as refused:
+        pretrain_from("narrow", narrow)
+    assert "\n" not in str(refused.value)

@@ -42,10 +42,12 @@ from pipeline.config import Config, Pretrain, project_root
 from pipeline.distributed import gather, gather_model, join, mean_over_ranks, scatterer, shard
 from pipeline.files import InputError, atomic_dir, file_digest, write_csv, write_json
 from pipeline.models import GPT, build_model
+from pipeline.models import model_config as config_of
 from pipeline.ngram import unigram_bits_per_token
 from pipeline.progress import Progress
 from pipeline.shards import TokenShards, WindowPosition, read_manifest
 from pipeline.stagecli import stage_main
+from pipeline.tracking import path_md5
 from pipeline.training import (
     batch_loss,
     decay_groups,
@@ -136,6 +138,27 @@ def peak_flops(device: torch.device) -> float:
     return 4 * 2 * 1024**3 / best
 
 
+def starting_weights(init_dir: Path, model: nn.Module, tokenizer_dir: Path) -> dict[str, torch.Tensor] | None:
+    """The weights in `init_dir` for `model` (ours, or a transformers GPT-2's mapped onto it), or
+    None when it holds no model (the default directory holds only a README)."""
+    if not (init_dir / "config.json").exists():
+        return None
+    if "model_type" in json.loads((init_dir / "config.json").read_text()):
+        from tokenizers import Tokenizer
+
+        from pipeline.hf import gpt_weights_from_gpt2
+
+        if not isinstance(model, GPT):
+            raise InputError(f"{init_dir}: a transformers model initialises a GPT only (pretrain.model.arch)")
+        vocabulary = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab()
+        return gpt_weights_from_gpt2(init_dir, model, vocabulary)
+    saved, _ = load_model(init_dir)
+    shape = {k: v for k, v in config_of(saved).items() if k != "dropout"}
+    if shape != {k: v for k, v in config_of(model).items() if k != "dropout"}:
+        raise InputError(f"{init_dir}: its model {shape} is not pretrain.model's shape")
+    return saved.state_dict()
+
+
 def fresh_progress() -> dict[str, Any]:
     # timing is cumulative over every process that trained this run, so a resumed run reports it all
     return {"step": 0, "best_val": float("inf"), "best_saved": False, "bad_evals": 0, "train_curve": [],
@@ -181,7 +204,8 @@ def final_validation(model: nn.Module, windows: np.ndarray, cfg: Pretrain, devic
 
 
 def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkpoints: Path,
-        metrics_dir: Path, tracked: Any = None, glove_dir: Path | None = None) -> dict[str, Any]:
+        metrics_dir: Path, tracked: Any = None, glove_dir: Path | None = None,
+        init_dir: Path | None = None) -> dict[str, Any]:
     """Train until max_steps or early stopping; rank 0 writes the best model (by validation loss,
     kept in `checkpoints/best` as training goes) to `lm_dir` at the end."""
     p = cfg.pretrain
@@ -202,6 +226,13 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
         with torch.no_grad():
             model.wte.weight.copy_(glove_embedding(glove_dir, model.wte.weight.detach().cpu()))
         data_digest += file_digest(glove_dir / "vectors.safetensors")  # other vectors: no resume
+    init_dir = init_dir or project_root() / p.init_from
+    start = starting_weights(init_dir, model, tokenizer_dir)
+    if start is not None:  # every weight, the embedding included, from that model
+        missing, unexpected = model.load_state_dict(start, strict=False)
+        if unexpected or [k for k in missing if k != "head.weight"]:
+            raise InputError(f"{init_dir}: weights do not fit pretrain.model ({missing or unexpected})")
+        data_digest += path_md5(init_dir)
     fsdp = p.parallel == "fsdp"  # its checkpoints hold the gathered state, at any world size
     if fsdp and not isinstance(model, GPT):
         raise InputError("pretrain.parallel fsdp shards a transformer's blocks; an LSTM/GRU trains with ddp")
@@ -318,15 +349,18 @@ def execute(cfg: Config) -> str:
 
     paths = {name: project_root() / getattr(cfg.paths, name)
              for name in ("tokens", "tokenizer", "glove_token", "lm", "checkpoints", "metrics")}
+    init_dir = project_root() / cfg.pretrain.init_from
     leader = int(os.environ.get("RANK", 0)) == 0
     inputs = {"tokens": paths["tokens"]}
     if cfg.pretrain.init_embeddings:
         inputs["glove"] = paths["glove_token"]
+    if (init_dir / "config.json").exists():
+        inputs["init"] = init_dir
     tracking_cfg = cfg.tracking if leader else cfg.tracking.model_copy(update={"enabled": False})
     with tracking.stage_run("pretrain", tracking_cfg, cfg.pretrain.model_dump(),
                             inputs, {"lm": paths["lm"]}) as run_log:
         metrics = run(cfg, paths["tokens"], paths["tokenizer"], paths["lm"], paths["checkpoints"],
-                      paths["metrics"], run_log, paths["glove_token"])
+                      paths["metrics"], run_log, paths["glove_token"], init_dir)
         if leader:
             run_log.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
             tracking.register_model(run_log, paths["lm"], cfg.tracking.lm_model, "lm")
