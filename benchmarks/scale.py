@@ -9,7 +9,7 @@ second, and peak RSS (the largest of the stage's process and its worker processe
 Goals (issue #22): peak RSS at 100x within 1.5x of 1x per stage; throughput at 100x >= 0.8x of 10x.
 
     python benchmarks/scale.py [--scales 1 10 100] [--workers 1 2] [--work DIR]
-    # writes metrics/scale.json and prints a table
+    # writes metrics/scale.json and docs/scale.png (log-log: seconds and peak RSS against dump size)
 """
 
 from __future__ import annotations
@@ -98,6 +98,33 @@ def measure(stage: str, work: Path, workers: int) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def plot(rows: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (time_axes, memory_axes) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
+    for stage in STAGES:
+        for workers in sorted({r["workers"] for r in rows}):
+            points = [r for r in rows if r["stage"] == stage and r["workers"] == workers]
+            label = f"{stage}, {workers} worker{'s' if workers > 1 else ''}"
+            style = "-" if workers > 1 else "--"
+            sizes = [r["dump_mb"] for r in points]
+            time_axes.plot(sizes, [r["seconds"] for r in points], style, marker="o", label=label)
+            memory_axes.plot(sizes, [r["peak_rss_mib"] for r in points], style, marker="o", label=label)
+    for axes, ylabel in ((time_axes, "seconds"), (memory_axes, "peak RSS (MiB)")):
+        axes.set_xscale("log")
+        axes.set_yscale("log")
+        axes.set_xlabel("dump XML (MB)")
+        axes.set_ylabel(ylabel)
+        axes.grid(True, which="both", alpha=0.3)
+    time_axes.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(exist_ok=True)
+    fig.savefig(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 10, 100])
@@ -131,6 +158,7 @@ def main() -> None:
         shutil.rmtree(scratch, ignore_errors=True)
     (ROOT / "metrics").mkdir(exist_ok=True)
     (ROOT / "metrics" / "scale.json").write_text(json.dumps(rows, indent=2) + "\n")
+    plot(rows, ROOT / "docs" / "scale.png")
     print(f"{'stage':9} {'scale':>5} {'workers':>7} {'MB':>7} {'s':>8} {'MB/s':>7} {'peak MiB':>9}")
     for r in rows:
         print(f"{r['stage']:9} {r['scale']:>5} {r['workers']:>7} {r['dump_mb']:>7} {r['seconds']:>8} "
