@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import re
 import sys
+import tempfile
 import time
 import zlib
 from collections import Counter, defaultdict
@@ -76,18 +77,30 @@ class SourceReport:
 
 @dataclass
 class OutputSet:
-    """Documents kept for one output file, with the dedup indexes that guard it."""
+    """Documents kept for one output file, with the dedup indexes that guard it. Rows stream to an
+    unsplit Parquet file a row group at a time; only their (source, split key) stay in memory until
+    the splits are drawn, so memory does not grow with the text."""
 
     dedup: Dedup
-    rows: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
-    seen_keys: set[str] = field(default_factory=set)
+    path: Path
+    labeled: bool
+    row_group_rows: int
+    keys: list[tuple[str, str]] = field(default_factory=list)  # (source, split key) per row, in order
+    buffer: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
+    writer: pq.ParquetWriter | None = None
+    seen_ids: set[str] = field(default_factory=set)  # ids hash the dedup key: 8 bytes, not the text
     lsh: MinHashLSH | None = None  # built on first use: choosing its bands takes a moment
+
+    @property
+    def columns(self) -> list[str]:
+        return ["id", "source", "text"] + (["label"] if self.labeled else [])
 
     def duplicate_of_earlier(self, doc: CleanDoc) -> str | None:
         """'exact_duplicate', 'near_duplicate' or None (and remember the document when new)."""
-        if self.dedup.exact and doc.key in self.seen_keys:
+        if self.dedup.exact and doc.id in self.seen_ids:
             return "exact_duplicate"
-        self.seen_keys.add(doc.key)
+        if self.dedup.exact:
+            self.seen_ids.add(doc.id)
         if not self.dedup.near or doc.signature is None:
             return None
         if self.lsh is None:
@@ -98,6 +111,83 @@ class OutputSet:
             return "near_duplicate"
         self.lsh.insert(doc.id, minhash, check_duplication=False)
         return None
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.keys.append((row["source"], row["split_key"]))
+        for column in self.columns:
+            self.buffer[column].append(row[column])
+        if len(self.buffer["id"]) >= self.row_group_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        schema = pa.schema([(c, pa.string()) for c in self.columns])
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, schema)
+        if self.buffer:
+            columns = {c: pa.array(self.buffer[c], type=pa.string()) for c in self.columns}
+            self.writer.write_table(pa.table(columns, schema=schema))
+        self.buffer.clear()
+
+    def write_split(self, splits: list[str], out_path: Path) -> dict[str, Any]:
+        """The rows with their `split` column to `out_path` (row groups of `row_group_rows`); returns
+        the split summary (and, for the labeled set, the quality counts)."""
+        self.flush()
+        assert self.writer is not None
+        self.writer.close()
+        columns = ["id", "source", "text", "split"] + (["label"] if self.labeled else [])
+        schema = pa.schema([(c, pa.string()) for c in columns])
+        tally = SplitTally(self.labeled)
+        with pq.ParquetWriter(out_path, schema, compression="zstd") as writer:
+            start = 0
+            for batch in pq.ParquetFile(self.path).iter_batches(batch_size=self.row_group_rows):
+                chunk = splits[start : start + batch.num_rows]
+                start += batch.num_rows
+                table = pa.table({**{c: batch.column(c) for c in self.columns},
+                                  "split": pa.array(chunk, type=pa.string())}).select(columns)
+                writer.write_table(table, row_group_size=self.row_group_rows)
+                tally.add(table)
+        return {**tally.summary(), **({"quality": tally.quality_counts()} if self.labeled else {})}
+
+
+@dataclass
+class SplitTally:
+    """Documents, characters (and labels) per split, and the labeled texts' quality counts."""
+
+    labeled: bool
+    documents: Counter[str] = field(default_factory=Counter)
+    characters: Counter[str] = field(default_factory=Counter)
+    labels: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    quality: Counter[str] = field(default_factory=Counter)
+
+    def add(self, table: pa.Table) -> None:
+        texts, splits = table.column("text").to_pylist(), table.column("split").to_pylist()
+        labels = table.column("label").to_pylist() if self.labeled else [None] * len(texts)
+        for text, split, label in zip(texts, splits, labels, strict=True):
+            self.documents[split] += 1
+            self.characters[split] += len(text)
+            if self.labeled:
+                self.labels[split][label] += 1
+                self.quality["labeled_with_mojibake"] += has_mojibake(text)
+                self.quality["labeled_with_other_non_ascii"] += any(
+                    not c.isascii() and c not in PROSE_PUNCTUATION for c in text)
+
+    def quality_counts(self) -> dict[str, int]:
+        return {k: self.quality[k] for k in ("labeled_with_mojibake", "labeled_with_other_non_ascii")}
+
+    def summary(self) -> dict[str, Any]:
+        total = sum(self.documents.values())
+        summary: dict[str, Any] = {"documents": total, "characters": sum(self.characters.values()),
+                                   "splits": {}}
+        for split in SPLITS:
+            entry: dict[str, Any] = {
+                "documents": self.documents[split],
+                "share": round(self.documents[split] / total, 4) if total else 0.0,
+                "characters": self.characters[split],
+            }
+            if self.labeled:
+                entry["labels"] = dict(sorted(self.labels[split].items()))
+            summary["splits"][split] = entry
+        return summary
 
 
 # ---------------------------------------------------------------- pure per-document functions
@@ -184,15 +274,13 @@ def write_split_manifest(path: Path, splits: dict[tuple[str, str], str], cfg: Sp
         pq.write_table(table, tmp, compression="zstd")
 
 
-def split_rows(sets: Iterable[OutputSet], manifest: dict[tuple[str, str], str], cfg: Split) -> None:
-    """Fill each output set's `split` column, source by source; add new assignments to `manifest`."""
-    for out in sets:
-        for source in dict.fromkeys(out.rows["source"]):
-            keys = [k for k, s in zip(out.rows["split_key"], out.rows["source"], strict=True) if s == source]
-            known = {k: v for (s, k), v in manifest.items() if s == source}
-            manifest.update({(source, k): v for k, v in assign_splits(keys, known, cfg).items()})
-        out.rows["split"] = [manifest[s, k] for s, k in zip(out.rows["source"], out.rows["split_key"],
-                                                             strict=True)]
+def split_rows(keys: list[tuple[str, str]], manifest: dict[tuple[str, str], str], cfg: Split) -> list[str]:
+    """The split of each (source, split key) row, source by source; new assignments go into `manifest`."""
+    for source in dict.fromkeys(s for s, _ in keys):
+        known = {k: v for (s, k), v in manifest.items() if s == source}
+        manifest.update({(source, k): v for k, v in
+                         assign_splits((k for s, k in keys if s == source), known, cfg).items()})
+    return [manifest[key] for key in keys]
 
 
 def effective_filters(source: Source, filters: Filters) -> Filters:
@@ -252,35 +340,9 @@ def read_all(source: Source, raw_dir: Path, report: SourceReport) -> Iterator[Ra
         yield from read_source(source, path)
 
 
-def split_summary(rows: dict[str, list[Any]], labeled: bool) -> dict[str, Any]:
-    total = len(rows["id"])
-    summary: dict[str, Any] = {"documents": total, "characters": sum(map(len, rows["text"])), "splits": {}}
-    for split in SPLITS:
-        idx = [i for i, s in enumerate(rows["split"]) if s == split]
-        entry: dict[str, Any] = {
-            "documents": len(idx),
-            "share": round(len(idx) / total, 4) if total else 0.0,
-            "characters": sum(len(rows["text"][i]) for i in idx),
-        }
-        if labeled:
-            entry["labels"] = dict(sorted(Counter(rows["label"][i] for i in idx).items()))
-        summary["splits"][split] = entry
-    return summary
-
-
-def to_table(rows: dict[str, list[Any]], labeled: bool) -> pa.Table:
-    columns = ["id", "source", "text", "split"] + (["label"] if labeled else [])
-    return pa.table({c: pa.array(rows[c], type=pa.string()) for c in columns})
-
-
-def run(
-    cfg: Config, raw_dir: Path, out_dir: Path, metrics_path: Path, splits_path: Path | None = None
-) -> dict[str, Any]:
-    """Clean every source ingested under `raw_dir` into `out_dir`, write the report to
-    `metrics_path` and return it. `splits_path`: the split manifest to follow and extend (None: none)."""
+def clean_sources(cfg: Config, raw_dir: Path, sets: dict[str, OutputSet]) -> dict[str, SourceReport]:
+    """Every source read, cleaned in worker processes, filtered and deduplicated into its set."""
     clean_cfg = cfg.data.clean
-    started = time.perf_counter()
-    sets = {"corpus": OutputSet(clean_cfg.dedup), "labeled": OutputSet(clean_cfg.dedup)}
     reports: dict[str, SourceReport] = {}
     workers = clean_cfg.workers or os.cpu_count() or 1
     with multiprocessing.get_context("fork").Pool(workers) as pool:
@@ -302,10 +364,8 @@ def run(
                         continue
                     report.documents_out += 1
                     report.characters_out += len(doc.text)
-                    row = {"id": doc.id, "source": source.name, "text": doc.text,
-                           "split_key": doc.split_key or doc.id, "label": doc.label}
-                    for column, value in row.items():
-                        target.rows[column].append(value)
+                    target.add({"id": doc.id, "source": source.name, "text": doc.text,
+                                "split_key": doc.split_key or doc.id, "label": doc.label})
                 progress.update(len(cleaned))
             progress.close()
             if report.documents_in == 0:
@@ -315,10 +375,27 @@ def run(
                 raise InputError(
                     f"source '{source.name}': all {report.documents_in} documents were removed ({removed})"
                 )
+    return reports
 
-    manifest = read_split_manifest(splits_path, clean_cfg.split)
-    split_rows(sets.values(), manifest, clean_cfg.split)
-    labeled_texts = sets["labeled"].rows["text"]
+
+def run(
+    cfg: Config, raw_dir: Path, out_dir: Path, metrics_path: Path, splits_path: Path | None = None
+) -> dict[str, Any]:
+    """Clean every source ingested under `raw_dir` into `out_dir`, write the report to
+    `metrics_path` and return it. `splits_path`: the split manifest to follow and extend (None: none)."""
+    clean_cfg = cfg.data.clean
+    started = time.perf_counter()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".clean-") as scratch:
+        sets = {name: OutputSet(clean_cfg.dedup, Path(scratch) / filename, name == "labeled",
+                                clean_cfg.row_group_rows)
+                for name, filename in (("corpus", CORPUS_FILE), ("labeled", LABELED_FILE))}
+        reports = clean_sources(cfg, raw_dir, sets)
+        manifest = read_split_manifest(splits_path, clean_cfg.split)
+        with atomic_dir(out_dir) as tmp:
+            summaries = {name: out.write_split(split_rows(out.keys, manifest, clean_cfg.split),
+                                               tmp / out.path.name) for name, out in sets.items()}
+    quality = summaries["labeled"].pop("quality")
     metrics: dict[str, Any] = {
         "sources": {
             name: {
@@ -331,20 +408,10 @@ def run(
             }
             for name, r in reports.items()
         },
-        "corpus": split_summary(sets["corpus"].rows, labeled=False),
-        "labeled": split_summary(sets["labeled"].rows, labeled=True),
-        "quality": {
-            "labeled_with_mojibake": sum(map(has_mojibake, labeled_texts)),
-            "labeled_with_other_non_ascii": sum(
-                any(not c.isascii() and c not in PROSE_PUNCTUATION for c in t) for t in labeled_texts
-            ),
-        },
+        "corpus": summaries["corpus"],
+        "labeled": summaries["labeled"],
+        "quality": quality,
     }
-    with atomic_dir(out_dir) as tmp:
-        for name, filename in (("corpus", CORPUS_FILE), ("labeled", LABELED_FILE)):
-            labeled = name == "labeled"
-            pq.write_table(to_table(sets[name].rows, labeled), tmp / filename, compression="zstd",
-                           row_group_size=clean_cfg.row_group_rows)
     if splits_path is not None:
         write_split_manifest(splits_path, manifest, clean_cfg.split)
     write_json(metrics_path, metrics)

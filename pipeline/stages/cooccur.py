@@ -286,14 +286,16 @@ class PairCounter:
         self.spills.append(paths)
 
     def merged_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """The reduced (keys, integer sums) in key order, a block of rows at a time."""
+        """The reduced (keys, integer sums) in key order, a block of rows at a time. Spills are read
+        a range at a time, never kept mapped, so memory stays at one block whatever their total."""
         self.spill()
-        parts = [(np.load(k, mmap_mode="r"), np.load(s, mmap_mode="r")) for k, s in self.spills]
-        if len(parts) == 1:
-            yield np.asarray(parts[0][0]), np.asarray(parts[0][1])
-            return
         row_starts = np.arange(self.vocab_size + 1, dtype=np.int64) * self.vocab_size
-        bounds = [np.searchsorted(keys, row_starts) for keys, _ in parts]
+        bounds = []
+        for keys_path, _ in self.spills:
+            keys = np.load(keys_path, mmap_mode="r")  # a binary search touches few of its pages
+            bounds.append(np.searchsorted(keys, row_starts))
+            del keys
+        layouts = [(npy_layout(k), npy_layout(s)) for k, s in self.spills]
         per_row = np.sum([np.diff(b) for b in bounds], axis=0)
         first = 0
         while first < self.vocab_size:
@@ -302,10 +304,28 @@ class PairCounter:
             while last < self.vocab_size and total + per_row[last] <= self.max_pairs:
                 total += per_row[last]
                 last += 1
-            keys = np.concatenate([k[b[first]:b[last]] for (k, _), b in zip(parts, bounds, strict=True)])
-            sums = np.concatenate([s[b[first]:b[last]] for (_, s), b in zip(parts, bounds, strict=True)])
-            yield reduce_pairs(keys, sums)
+            parts = [(read_range(k, kl, b[first], b[last]), read_range(s, sl, b[first], b[last]))
+                     for (k, s), (kl, sl), b in zip(self.spills, layouts, bounds, strict=True)]
+            keys, sums = (np.concatenate(p) for p in zip(*parts, strict=True))
+            yield (keys, sums) if len(parts) == 1 else reduce_pairs(keys, sums)
             first = last
+
+
+def npy_layout(path: Path) -> tuple[int, np.dtype]:
+    """Where a 1-D .npy file's data starts, and its dtype."""
+    with open(path, "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        _, _, dtype = header(f)
+        return f.tell(), dtype
+
+
+def read_range(path: Path, layout: tuple[int, np.dtype], start: int, stop: int) -> np.ndarray:
+    """Elements [start, stop) of a 1-D .npy file, read rather than mapped."""
+    offset, dtype = layout
+    with open(path, "rb") as f:
+        f.seek(offset + int(start) * dtype.itemsize)
+        return np.fromfile(f, dtype=dtype, count=int(stop - start))
 
 
 def count_cooccurrences(
