@@ -51,8 +51,9 @@ else:
     cooccur.run(cfg, work / "clean", work / "tokenizer", work / "tokens", work / "cooccur",
                 work / "m" / "cooccur.json")
 seconds = time.perf_counter() - started
-peak = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-print(json.dumps({"seconds": seconds, "peak_rss_mib": peak / 1024}))
+main = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+print(json.dumps({"seconds": seconds, "peak_rss_mib": max(main, workers), "main_rss_mib": main}))
 """
 
 
@@ -130,7 +131,7 @@ def main() -> None:
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 10, 100])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
-                        help="measure these (the earlier ones still run, unmeasured, for their outputs)")
+                        help="measure these (clean still runs, unmeasured, for their input)")
     parser.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
     args = parser.parse_args()
     from pipeline.stages import ingest
@@ -147,21 +148,31 @@ def main() -> None:
             ingest.run(load_config(overrides=overrides(work, 1)), work / "raw")
             (work / "dump.xml").unlink()  # the raw copy is what the stages read
             for workers in args.workers:
-                for stage in STAGES[: max(STAGES.index(s) for s in args.stages) + 1]:
+                # cooccur (words) reads the clean output only; tokenize and cooccur need clean's
+                for stage in [s for s in STAGES if s in args.stages or s == "clean"]:
                     result = measure(stage, work, workers)
                     if stage not in args.stages:
                         continue
                     row = {"scale": times, "workers": workers, "stage": stage, "dump_mb": round(dump_mb, 1),
                            "seconds": round(result["seconds"], 2),
                            "mb_per_s": round(dump_mb / result["seconds"], 2),
-                           "peak_rss_mib": round(result["peak_rss_mib"], 1)}
+                           "peak_rss_mib": round(result["peak_rss_mib"], 1),
+                           "main_process_rss_mib": round(result["main_rss_mib"], 1)}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
             shutil.rmtree(work)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     (ROOT / "metrics").mkdir(exist_ok=True)
-    (ROOT / "metrics" / "scale.json").write_text(json.dumps(rows, indent=2) + "\n")
+    saved = ROOT / "metrics" / "scale.json"
+    if saved.exists():  # keep the earlier rows of what this run did not measure
+        def where(r: dict[str, Any]) -> tuple[int, int, str]:
+            return r["scale"], r["workers"], r["stage"]
+
+        measured = {where(r) for r in rows}
+        rows = [r for r in json.loads(saved.read_text()) if where(r) not in measured] + rows
+        rows.sort(key=lambda r: (r["scale"], r["workers"], STAGES.index(r["stage"])))
+    saved.write_text(json.dumps(rows, indent=2) + "\n")
     plot(rows, ROOT / "docs" / "scale.png")
     print(f"{'stage':9} {'scale':>5} {'workers':>7} {'MB':>7} {'s':>8} {'MB/s':>7} {'peak MiB':>9}")
     for r in rows:

@@ -24,6 +24,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from collections import Counter, defaultdict
@@ -340,6 +341,13 @@ def read_all(source: Source, raw_dir: Path, report: SourceReport) -> Iterator[Ra
         yield from read_source(source, path)
 
 
+def throttled(items: Iterable[Any], slots: threading.BoundedSemaphore) -> Iterator[Any]:
+    """`items`, each taken only once a slot is free: the consumer frees one per result."""
+    for item in items:
+        slots.acquire()
+        yield item
+
+
 def clean_sources(cfg: Config, raw_dir: Path, sets: dict[str, OutputSet]) -> dict[str, SourceReport]:
     """Every source read, cleaned in worker processes, filtered and deduplicated into its set."""
     clean_cfg = cfg.data.clean
@@ -353,7 +361,9 @@ def clean_sources(cfg: Config, raw_dir: Path, sets: dict[str, OutputSet]) -> dic
             batches = batched(read_all(source, raw_dir, report), clean_cfg.batch_pages)
             progress = Progress(f"clean {source.name}", None, "doc")
             work = functools.partial(_clean_batch, dedup=clean_cfg.dedup, filters=filters)
-            for cleaned in pool.imap(work, batches):
+            slots = threading.BoundedSemaphore(4 * workers)  # imap's feeder would read the whole source
+            for cleaned in pool.imap(work, throttled(batches, slots)):
+                slots.release()
                 for doc in cleaned:
                     report.documents_in += 1
                     report.repairs.update(doc.repairs)

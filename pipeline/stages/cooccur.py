@@ -84,14 +84,18 @@ class WordIds:
         return counts
 
     def document_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Whole documents about `IDS_PER_READ` ids at a time: (ids, each document's start in them)."""
-        ids = np.memmap(self.path, np.int32, "r")
+        """Whole documents about `IDS_PER_READ` ids at a time: (ids, each document's start in them).
+        Read, not mapped: a mapping would keep every page read so far resident."""
         offsets = np.concatenate([[0], np.cumsum(self.lengths)])
         first = 0
-        while first < len(self.lengths):
-            last = max(int(np.searchsorted(offsets, offsets[first] + IDS_PER_READ, "right")) - 1, first + 1)
-            yield ids[offsets[first]:offsets[last]], offsets[first:last] - offsets[first]
-            first = last
+        with open(self.path, "rb") as f:
+            while first < len(self.lengths):
+                last = max(int(np.searchsorted(offsets, offsets[first] + IDS_PER_READ, "right")) - 1,
+                           first + 1)
+                f.seek(int(offsets[first]) * 4)  # int32
+                ids = np.fromfile(f, np.int32, int(offsets[last] - offsets[first]))
+                yield ids, offsets[first:last] - offsets[first]
+                first = last
 
 
 def read_word_ids(tables: list[Path], pattern: str, path: Path) -> WordIds:
@@ -287,28 +291,35 @@ class PairCounter:
 
     def merged_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The reduced (keys, integer sums) in key order, a block of rows at a time. Spills are read
-        a range at a time, never kept mapped, so memory stays at one block whatever their total."""
+        a range at a time, never kept mapped, and only block boundaries are kept per spill, so memory
+        stays at about one block whatever the number of spills."""
         self.spill()
         row_starts = np.arange(self.vocab_size + 1, dtype=np.int64) * self.vocab_size
-        bounds = []
+        per_row = np.zeros(self.vocab_size, dtype=np.int64)
         for keys_path, _ in self.spills:
-            keys = np.load(keys_path, mmap_mode="r")  # a binary search touches few of its pages
-            bounds.append(np.searchsorted(keys, row_starts))
-            del keys
+            per_row += np.diff(np.searchsorted(np.load(keys_path, mmap_mode="r"), row_starts))
+        cuts = block_starts(per_row, self.max_pairs)
+        bounds = [np.searchsorted(np.load(k, mmap_mode="r"), row_starts[cuts]) for k, _ in self.spills]
         layouts = [(npy_layout(k), npy_layout(s)) for k, s in self.spills]
-        per_row = np.sum([np.diff(b) for b in bounds], axis=0)
-        first = 0
-        while first < self.vocab_size:
-            last = first + 1  # rows [first, last): at least one row, else up to max_pairs entries
-            total = per_row[first]
-            while last < self.vocab_size and total + per_row[last] <= self.max_pairs:
-                total += per_row[last]
-                last += 1
-            parts = [(read_range(k, kl, b[first], b[last]), read_range(s, sl, b[first], b[last]))
+        for block in range(len(cuts) - 1):
+            parts = [(read_range(k, kl, b[block], b[block + 1]), read_range(s, sl, b[block], b[block + 1]))
                      for (k, s), (kl, sl), b in zip(self.spills, layouts, bounds, strict=True)]
             keys, sums = (np.concatenate(p) for p in zip(*parts, strict=True))
             yield (keys, sums) if len(parts) == 1 else reduce_pairs(keys, sums)
-            first = last
+
+
+def block_starts(per_row: np.ndarray, max_entries: int) -> np.ndarray:
+    """Row cuts [0, ..., rows] so each block of rows holds at most `max_entries` entries (at least one
+    row)."""
+    cuts, first = [0], 0
+    while first < len(per_row):
+        last, total = first + 1, per_row[first]
+        while last < len(per_row) and total + per_row[last] <= max_entries:
+            total += per_row[last]
+            last += 1
+        cuts.append(last)
+        first = last
+    return np.array(cuts, dtype=np.int64)
 
 
 def npy_layout(path: Path) -> tuple[int, np.dtype]:
