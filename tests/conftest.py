@@ -71,3 +71,18 @@ def small_project(tiny_project, tmp_path_factory) -> tuple[Path, dict[str, Any]]
     cfg = parse_config(params)
     tokenize.run(cfg, small / "clean", small / "tokenizer", small / "tokens", small / "tokenize.json")
     return small, params
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAt:
+    """A tracker that kills a training run (raises) when a given step logs its loss."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        if step == self.step and "train_loss" in metrics:
+            raise Interrupt

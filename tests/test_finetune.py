@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import Interrupt, StopAt  # a fine-tune killed mid-run
 from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 from typer.testing import CliRunner
@@ -88,21 +89,6 @@ def test_frozen_mode_leaves_the_backbone_untouched(tiny_lm, tmp_path):
     tuned = load_file(tmp_path / "classifier" / "model.safetensors")
     assert all(torch.equal(lm[k], tuned[f"backbone.{k}"]) for k in lm)
     assert not torch.equal(tuned["classifier.weight"], torch.zeros_like(tuned["classifier.weight"]))
-
-
-class Interrupt(Exception):
-    pass
-
-
-class StopAt:
-    """A tracker that kills the run (raises) when a given step logs its loss."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        if step == self.step and "train_loss" in metrics:
-            raise Interrupt
 
 
 def test_an_interrupted_run_resumes_to_identical_weights(tiny_lm, trained, tmp_path):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import Interrupt, StopAt  # a fine-tune killed mid-run
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from pipeline.classify import Classifier, read_examples
@@ -134,21 +135,6 @@ def test_padding_changes_no_prediction(tuned) -> None:
     alone = classifier.predict([short], batch_size=1)[1]
     batched = classifier.predict([short, long], batch_size=2)[1][:1]
     assert np.abs(alone - batched).max() < 1e-5
-
-
-class Interrupt(Exception):
-    pass
-
-
-class StopAt:
-    """A tracker that kills the run (raises) when a given step logs its loss."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        if step == self.step and "train_loss" in metrics:
-            raise Interrupt
 
 
 def test_an_interrupted_import_resumes_to_identical_weights_and_evaluates(tuned, tiny_project,
