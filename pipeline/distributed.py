@@ -47,10 +47,9 @@ def _options(world: int) -> Any:
 
 def gather(model: nn.Module, optimizer: torch.optim.Optimizer, world: int) -> tuple[dict, dict]:
     """The full (unsharded) model and optimizer state on rank 0 (empty elsewhere); every rank calls it."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    return (get_model_state_dict(model, options=_options(world)),
-            get_optimizer_state_dict(model, optimizer, options=_options(world)))
+    return gather_model(model, world), get_optimizer_state_dict(model, optimizer, options=_options(world))
 
 
 def gather_model(model: nn.Module, world: int) -> dict[str, torch.Tensor]:

@@ -59,26 +59,34 @@ def gpt2_config(gpt: GPT, special_ids: dict[str, int], **extra: Any) -> GPT2Conf
     )
 
 
-def gpt2_weights(gpt: GPT) -> dict[str, torch.Tensor]:
-    """Our GPT's weights under GPT-2's names. GPT-2's Conv1D stores (in, out), nn.Linear (out, in);
-    a model without biases gets zero biases."""
-    def bias(module: torch.nn.Module) -> torch.Tensor:
-        return module.bias if module.bias is not None else torch.zeros(module.weight.shape[0])
+def gpt2_modules(n_layer: int) -> list[tuple[str, str, bool]]:
+    """(our module, GPT-2's module, whether GPT-2 stores the weight transposed) for every module with a
+    weight and a bias, beyond the embeddings. GPT-2's Conv1D stores (in, out), nn.Linear (out, in)."""
+    pairs = [("ln_f", "ln_f", False)]
+    for i in range(n_layer):
+        pairs += [(f"blocks.{i}.{ours}", f"h.{i}.{theirs}", transposed) for ours, theirs, transposed in (
+            ("ln_1", "ln_1", False), ("ln_2", "ln_2", False), ("attn.qkv", "attn.c_attn", True),
+            ("attn.proj", "attn.c_proj", True), ("mlp.fc", "mlp.c_fc", True),
+            ("mlp.proj", "mlp.c_proj", True))]
+    return pairs
 
-    state = {"transformer.wte.weight": gpt.wte.weight, "transformer.ln_f.weight": gpt.ln_f.weight,
-             "transformer.ln_f.bias": bias(gpt.ln_f)}
+
+def gpt2_weights(gpt: GPT) -> dict[str, torch.Tensor]:
+    """Our GPT's weights under GPT-2's names; a model without biases gets zero biases."""
     assert gpt.wpe is not None
-    state["transformer.wpe.weight"] = gpt.wpe.weight
-    for i, block in enumerate(gpt.blocks):
-        h = f"transformer.h.{i}."
-        for ours, theirs in ((block.ln_1, "ln_1"), (block.ln_2, "ln_2")):
-            state[h + theirs + ".weight"] = ours.weight
-            state[h + theirs + ".bias"] = bias(ours)
-        for ours, theirs in ((block.attn.qkv, "attn.c_attn"), (block.attn.proj, "attn.c_proj"),
-                             (block.mlp.fc, "mlp.c_fc"), (block.mlp.proj, "mlp.c_proj")):
-            state[h + theirs + ".weight"] = ours.weight.t()
-            state[h + theirs + ".bias"] = bias(ours)
+    ours = gpt.state_dict()
+    state = {"transformer.wte.weight": ours["wte.weight"], "transformer.wpe.weight": ours["wpe.weight"]}
+    for mine, theirs, transposed in gpt2_modules(gpt.cfg.n_layer):
+        weight = ours[f"{mine}.weight"]
+        state[f"transformer.{theirs}.weight"] = weight.t() if transposed else weight
+        state[f"transformer.{theirs}.bias"] = ours.get(f"{mine}.bias", torch.zeros(weight.shape[0]))
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+
+def is_transformers_dir(directory: Path) -> bool:
+    """A transformers model directory: its config.json names a `model_type` (ours names an `arch`)."""
+    config = directory / "config.json"
+    return config.exists() and "model_type" in json.loads(config.read_text())
 
 
 def gpt_weights_from_gpt2(directory: Path, gpt: GPT, vocabulary: dict[str, int]) -> dict[str, torch.Tensor]:
@@ -112,18 +120,12 @@ def gpt_weights_from_gpt2(directory: Path, gpt: GPT, vocabulary: dict[str, int])
     if not files:
         raise InputError(f"{directory}: no safetensors weights")
     state = {k.removeprefix("transformer."): v for f in files for k, v in load_file(str(f)).items()}
-    mapped = {"wte.weight": state["wte.weight"], "wpe.weight": state["wpe.weight"],
-              "ln_f.weight": state["ln_f.weight"]}
-    biases = {"ln_f.bias": state["ln_f.bias"]}
-    for i in range(cfg.n_layer):
-        h = f"h.{i}."
-        for ours_name, theirs_name in (("ln_1", "ln_1"), ("ln_2", "ln_2")):
-            mapped[f"blocks.{i}.{ours_name}.weight"] = state[h + theirs_name + ".weight"]
-            biases[f"blocks.{i}.{ours_name}.bias"] = state[h + theirs_name + ".bias"]
-        for ours_name, theirs_name in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
-                                       ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
-            mapped[f"blocks.{i}.{ours_name}.weight"] = state[h + theirs_name + ".weight"].t()
-            biases[f"blocks.{i}.{ours_name}.bias"] = state[h + theirs_name + ".bias"]
+    mapped = {"wte.weight": state["wte.weight"], "wpe.weight": state["wpe.weight"]}
+    biases = {}
+    for mine, theirs, transposed in gpt2_modules(cfg.n_layer):
+        weight = state[f"{theirs}.weight"]
+        mapped[f"{mine}.weight"] = weight.t() if transposed else weight
+        biases[f"{mine}.bias"] = state[f"{theirs}.bias"]
     if cfg.bias:
         mapped.update(biases)
     elif any(b.abs().max() > 0 for b in biases.values()):

@@ -14,8 +14,7 @@ from pipeline.models.recurrent import RecurrentConfig, RecurrentLM
 from pipeline.models.transformers_classifier import TransformersClassifier
 
 __all__ = ["GPT", "GPTConfig", "RecurrentConfig", "RecurrentLM", "SequenceClassifier",
-           "TransformersClassifier",
-           "build_model", "model_config", "with_dropout"]
+           "TransformersClassifier", "build_model", "model_config", "with_dropout"]
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:

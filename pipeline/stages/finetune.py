@@ -45,6 +45,7 @@ from pipeline.classify import (
 )
 from pipeline.config import Config, Finetune, project_root
 from pipeline.files import InputError, atomic_dir, file_digest, write_csv, write_json
+from pipeline.hf import is_transformers_dir
 from pipeline.models import SequenceClassifier, TransformersClassifier, with_dropout
 from pipeline.progress import Progress
 from pipeline.shards import read_manifest
@@ -143,12 +144,6 @@ def transformers_start(cfg: Config, base: Path, tokens_dir: Path, labels: dict[s
     val = read_examples(labeled, "val").encoded(backend, True)
     return Start(model, train, val, pad_id, max_length, True, path_md5(base),
                  lambda out: tokenizer.save_pretrained(str(out)))
-
-
-def is_transformers_dir(directory: Path) -> bool:
-    """A transformers model directory: its config.json names a `model_type` (ours names an `arch`)."""
-    config = directory / "config.json"
-    return config.exists() and "model_type" in json.loads(config.read_text())
 
 
 def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:

@@ -41,6 +41,7 @@ from pipeline.checkpoint import load_model, restore, save_model, write_checkpoin
 from pipeline.config import Config, Pretrain, project_root
 from pipeline.distributed import gather, gather_model, join, mean_over_ranks, scatterer, shard
 from pipeline.files import InputError, atomic_dir, file_digest, write_csv, write_json
+from pipeline.hf import is_transformers_dir
 from pipeline.models import GPT, build_model
 from pipeline.models import model_config as config_of
 from pipeline.ngram import unigram_bits_per_token
@@ -143,7 +144,7 @@ def starting_weights(init_dir: Path, model: nn.Module, tokenizer_dir: Path) -> d
     None when it holds no model (the default directory holds only a README)."""
     if not (init_dir / "config.json").exists():
         return None
-    if "model_type" in json.loads((init_dir / "config.json").read_text()):
+    if is_transformers_dir(init_dir):
         from tokenizers import Tokenizer
 
         from pipeline.hf import gpt_weights_from_gpt2
