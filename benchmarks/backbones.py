@@ -43,7 +43,7 @@ def config_for(name: str, steps: int, epochs: int, examples: int | None) -> Conf
     return load_config(overrides={
         "tracking.enabled": False, "pretrain.objective": objective, "pretrain.model": model,
         "pretrain.max_steps": steps, "pretrain.eval_every": max(1, steps // 4), "pretrain.resume": "never",
-        "pretrain.checkpoint_every": steps, "pretrain.init_embeddings": False,
+        "pretrain.checkpoint_every": steps, "pretrain.init_embeddings": "inputs/none",
         "pretrain.warmup_steps": min(base.pretrain.warmup_steps, max(1, steps // 10)),
         "finetune.epochs": epochs, "finetune.resume": "never", "finetune.max_examples": examples,
     })

@@ -82,7 +82,7 @@ def _stage(dump: Path, batch_pages: int, workdir: Path) -> tuple[float, list[str
     })
     ingest.run(cfg, workdir / "raw")
     started = time.perf_counter()
-    clean.run(cfg, workdir / "raw", workdir / "clean", workdir / "clean.json")
+    clean.run(cfg, workdir / "raw", workdir / "clean", workdir / "clean.json", kinds=("corpus",))
     seconds = time.perf_counter() - started
     return seconds, pq.read_table(workdir / "clean" / clean.CORPUS_FILE).column("text").to_pylist()
 

@@ -4,9 +4,9 @@ Corpus: by default the train split of the default clean corpus (`data/clean/corp
 cooccur stage reads it: lowercased words (`words.pattern`), one document per line for the peer.
 `--text gensim` takes the same dump's pages as gensim's `WikiCorpus` tokenizes them instead (the issue's
 reference figures were measured on that text; it keeps table cells, our cleaning drops them), and
-`--splits all` every page rather than the train split (pages follow `data/splits/splits.parquet`).
+`--splits all` every page rather than the train split (pages follow `data/splits/corpus.parquet`).
 The labeled set's train texts follow the pages, as the stage counts them, unless `--no-labeled` (or
-`words.include_labeled_train: false`).
+`words.include_labeled_train: inputs/none`).
 - Peer, when `--glove-c DIR` names a built Stanford GloVe checkout (`make` in it; never committed):
   `vocab_count` + `cooccur` timed against our cooccur stage (which also builds the vocabulary), then
   `shuffle` + `glove` (same dim, iterations, x_max, window, min count, threads = cores) against our glove
@@ -66,7 +66,7 @@ def corpus_dir(cfg: Config, text: str, splits: str, labeled: bool, work: Path) -
     corpus = pq.read_table(ROOT / cfg.paths.clean / clean.CORPUS_FILE, columns=["text", "split"]).to_pydict()
     texts = [t for t, s in zip(corpus["text"], corpus["split"], strict=True) if s in wanted]
     if text == "gensim":
-        manifest = pq.read_table(ROOT / cfg.paths.splits / clean.SPLITS_FILE).to_pydict()
+        manifest = pq.read_table(ROOT / cfg.paths.splits / clean.CORPUS_FILE).to_pydict()
         split_of = dict(zip(manifest["key"], manifest["split"], strict=True))
         texts = [t for title, t in gensim_pages(cfg).items() if split_of.get(f"title:{title}") in wanted]
     if labeled:
@@ -161,9 +161,10 @@ def main() -> None:
     parser.add_argument("--no-labeled", action="store_true", help="leave out the labeled train texts")
     args = parser.parse_args()
     # the composed corpus.parquet holds every text counted, the labeled ones included
-    overrides = {"tracking.enabled": False, "words.include_labeled_train": False}
+    overrides = {"tracking.enabled": False, "words.include_labeled_train": "inputs/none"}
     cfg = load_config(overrides=overrides)
-    labeled = load_config().words.include_labeled_train and not args.no_labeled
+    default = load_config()
+    labeled = default.paths.given(default.words.include_labeled_train) and not args.no_labeled
     corpus_tmp = tempfile.TemporaryDirectory()
     clean_dir = corpus_dir(cfg, args.text, args.splits, labeled, Path(corpus_tmp.name))
     documents = cooccur.word_documents([clean_dir / CORPUS_FILE], cfg.words.pattern)

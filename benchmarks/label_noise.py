@@ -34,7 +34,7 @@ def confidences(cfg: Config, raw_dir: Path) -> dict[str, float]:
         if not source.label_field:
             continue
         reading = source.model_copy(update={"label_field": CONFIDENCE_FIELD})  # read confidence as the label
-        for path in sorted((raw_dir / source.name).rglob("*")):
+        for path in sorted((raw_dir / source.kind / source.name).rglob("*")):
             if path.is_file():
                 for doc in read_source(reading, path):
                     if doc.label:

@@ -94,7 +94,8 @@ def ours_for_steps(size: dict[str, int], steps: int, work: Path) -> dict[str, An
     cfg = load_config(overrides={
         "tracking.enabled": False, "pretrain.max_steps": steps, "pretrain.eval_every": steps,
         "pretrain.checkpoint_every": steps, "pretrain.eval_windows": 1, "pretrain.resume": "never",
-        "pretrain.batch_size": size["batch"], "pretrain.objective": "clm", "pretrain.init_embeddings": False,
+        "pretrain.batch_size": size["batch"], "pretrain.objective": "clm",
+        "pretrain.init_embeddings": "inputs/none",
         **{f"pretrain.{k}": v for k, v in QUALITY.items()},
         "pretrain.model": {"arch": "gpt", "context": size["context"], "n_layer": size["n_layer"],
                            "n_head": size["n_head"], "n_embd": size["n_embd"], "bias": False, "dropout": 0.0},

@@ -52,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     overrides = {"tracking.enabled": False, **({"word2vec.epochs": args.epochs} if args.epochs else {})}
     cfg = load_config(overrides=overrides)
-    tables = word_tables(ROOT / cfg.paths.clean, cfg.words.include_labeled_train)
+    tables = word_tables(ROOT / cfg.paths.clean, cfg.paths.given(cfg.words.include_labeled_train))
     streamed = word2vec.TrainSentences(tables, cfg.words.pattern)
     in_memory = list(streamed)
     rates: dict[str, list[float]] = {"ours": [], "gensim": []}

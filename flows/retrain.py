@@ -36,8 +36,8 @@ from prefect.states import Completed, State
 from pipeline import tracking
 from pipeline.config import load_config, project_root
 
-STAGES = ("ingest", "clean", "tokenize", "cooccur", "glove", "skipgram", "cbow", "cooccur_token",
-          "glove_token", "pretrain", "finetune", "evaluate")
+STAGES = ("ingest", "clean", "clean_labeled", "tokenize", "tokenize_labeled", "cooccur", "glove", "skipgram",
+          "cbow", "cooccur_token", "glove_token", "pretrain", "finetune", "evaluate")
 
 
 def dvc(project: Path, *args: str) -> subprocess.CompletedProcess[str]:

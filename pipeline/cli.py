@@ -34,8 +34,12 @@ def params(params: ParamsOption = None) -> None:
 # stage name -> (summary, module in pipeline/stages/, its arguments): what `dvc repro <name>` runs
 STAGES: dict[str, tuple[str, str, list[str]]] = {
     "ingest": ("Copy the raw sources into data/raw", "ingest", []),
-    "clean": ("Clean the raw sources into data/clean", "clean", []),
-    "tokenize": ("Train the BPE tokenizer and encode the token shards", "tokenize", []),
+    "clean": ("Clean the corpus sources into data/clean/corpus.parquet", "clean", ["--kind", "corpus"]),
+    "clean_labeled": ("Clean the labeled sources into data/clean/labeled.parquet", "clean",
+                      ["--kind", "labeled"]),
+    "tokenize": ("Train the BPE tokenizer and encode the corpus into token shards", "tokenize",
+                 ["--part", "corpus"]),
+    "tokenize_labeled": ("Encode the labeled set with the tokenizer", "tokenize", ["--part", "labeled"]),
     "cooccur": ("Count word co-occurrences over the train split", "cooccur", ["--unit", "word"]),
     "cooccur_token": ("Count token co-occurrences over the train shards", "cooccur", ["--unit", "token"]),
     "glove": ("Train GloVe word vectors and evaluate them on word benchmarks", "glove", ["--unit", "word"]),

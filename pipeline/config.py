@@ -7,12 +7,13 @@ for a typo): see `load_config`.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.configerrors import describe_error
 
 PROJECT_MARKERS = ("dvc.yaml", ".dvc")
 
@@ -37,6 +38,16 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _path_not_switch(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("a path, not true/false: the input to read, or paths.no_input (inputs/none)")
+    return value
+
+
+# An input a stage reads only when asked: its path, or paths.no_input (DVC then depends on that instead)
+OptionalInput = Annotated[str, BeforeValidator(_path_not_switch)]
 
 
 # ---------------------------------------------------------------- data sources and cleaning
@@ -92,6 +103,11 @@ class Source(Section):
     @property
     def labeled(self) -> bool:
         return self.label_field is not None
+
+    @property
+    def kind(self) -> str:
+        """'labeled' or 'corpus': the folder under paths.raw and the clean stage that take it."""
+        return "labeled" if self.labeled else "corpus"
 
 
 class Dedup(Section):
@@ -159,9 +175,10 @@ class Tokenize(Section):
     shard_tokens: int = Field(1_048_576, ge=1024, description="tokens per shard (the last is shorter)")
     batch_documents: int = Field(256, ge=1, description="documents encoded per encode_batch call")
     max_length: int = Field(128, ge=2, description="labeled examples are truncated to this many tokens")
-    include_labeled_train: bool = Field(
-        False, description="domain-adaptive pretraining: add the labeled set's train texts (not their "
-        "labels) to the tokenizer's training text and to the train shards",
+    include_labeled_train: OptionalInput = Field(
+        "inputs/none", description="domain-adaptive pretraining: a labeled set (paths.clean/labeled.parquet) "
+        "whose train texts (not labels) join the tokenizer's training text and the train shards; "
+        "paths.no_input: none",
     )
 
 
@@ -206,7 +223,9 @@ class Pretrain(Section):
     compile: bool = Field(False, description="torch.compile the model")
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun: ddp (a whole model per "
                                              "rank) or fsdp (FSDP2: parameters and state sharded)")
-    init_embeddings: bool = Field(True, description="start the token embedding from the token GloVe vectors")
+    init_embeddings: OptionalInput = Field(
+        "data/glove_token", description="start the token embedding from these token vectors "
+        "(paths.glove_token); paths.no_input: random")
     init_from: str = Field("models/init", description="start from the model in this directory, if it "
                            "holds one (ours or a transformers GPT-2 of the same shape and vocabulary)")
     seed: int = 1337
@@ -238,8 +257,9 @@ class Words(Section):
     """The word text of the word-vector stages (cooccur, skipgram, cbow): train texts only."""
 
     pattern: str = Field(r"[^\W\d_]+", description="regex of a word, on lowercased text")
-    include_labeled_train: bool = Field(
-        True, description="the labeled set's train texts follow the corpus's (never val or test)"
+    include_labeled_train: OptionalInput = Field(
+        "data/clean/labeled.parquet", description="a labeled set whose train texts follow the corpus's "
+        "(never val or test); paths.no_input: none",
     )
 
 
@@ -362,6 +382,13 @@ class Paths(Section):
     finetune_checkpoints: str = "checkpoints/finetune"
     reports: str = "reports"
     metrics: str = "metrics"
+    # An optional input set to this is off: a git-tracked folder that never changes, because DVC has
+    # no conditional dependencies (an input a stage reads only sometimes is a path-valued param).
+    no_input: str = "inputs/none"
+
+    def given(self, value: str) -> bool:
+        """Whether an optional input is on (not `no_input`)."""
+        return Path(value) != Path(self.no_input)
 
 
 class Tracking(Section):
@@ -390,37 +417,18 @@ class Config(Section):
     evaluate: Evaluate = Evaluate()
     tracking: Tracking = Tracking()
 
-
-def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """The valid keys of the nested model that `loc` points into (for typo suggestions)."""
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(str(part))
-        if field is None:
-            break
-        annotation = field.annotation
-        inner = getattr(annotation, "__args__", None) or (annotation,)
-        nested = [a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)]
-        if not nested:
-            break
-        model = nested[0]
-    return list(model.model_fields)
-
-
-def _describe(error: dict[str, Any], source: str) -> str:
-    loc = tuple(error["loc"])
-    key = ".".join(str(p) for p in loc) or "<root>"
-    if error["type"] == "extra_forbidden":
-        known = _known_keys(Config, loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(known)}"
-        return f"{source}: unknown key '{key}'{hint}"
-    if error["type"] == "missing":
-        return f"{source}: missing required key '{key}'"
-    value = error.get("input")
-    shown = f" (got {value!r})" if not isinstance(value, dict | list) else ""
-    return f"{source}: invalid value for '{key}'{shown}: {error['msg']}"
+    @model_validator(mode="after")
+    def _optional_inputs_are_known(self) -> Config:
+        """Each optional input names the output it reads, or nothing: what DVC tracks is what is read."""
+        labeled, none = f"{self.paths.clean}/labeled.parquet", self.paths.no_input
+        for key, path in (("tokenize.include_labeled_train", labeled),
+                          ("words.include_labeled_train", labeled),
+                          ("pretrain.init_embeddings", self.paths.glove_token)):
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            if Path(value) not in (Path(path), Path(none)):
+                raise ValueError(f"{key}: '{value}' is neither {path} nor paths.no_input ({none})")
+        return self
 
 
 def parse_config(raw: Any, source: str = "params") -> Config:
@@ -429,7 +437,7 @@ def parse_config(raw: Any, source: str = "params") -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc.errors()[0], source)) from None
+        raise ConfigError(describe_error(Config, exc.errors()[0], source)) from None
 
 
 def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> Config:

@@ -56,6 +56,25 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_children(target: Path | str) -> Iterator[Path]:
+    """Yield a temporary directory beside `target`; if the block succeeds, each entry written into it
+    replaces its namesake in `target` and the other entries of `target` stay (outputs of another
+    stage that share the folder)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        target.mkdir(exist_ok=True)
+        for entry in sorted(tmp.iterdir()):
+            if (target / entry.name).is_dir():
+                shutil.rmtree(target / entry.name)
+            os.replace(entry, target / entry.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_json(path: Path | str, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")

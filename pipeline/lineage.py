@@ -23,7 +23,6 @@ from pipeline.config import project_root
 from pipeline.files import InputError
 from pipeline.tracking import NotInStore, finished_stage_runs, model_version_tags, path_md5, run_tags
 
-WORD_STAGES = ("cooccur", "skipgram", "cbow")  # stages that read the clean text as words
 LOCK_FILE = "dvc.lock"
 RAW_MANIFEST = "sources.json"
 
@@ -92,34 +91,9 @@ def upstream(stages: dict[str, StageRecord], path: str) -> list[StageRecord]:
     return order
 
 
-def affected_outputs(stage: StageRecord, changed: str) -> list[str]:
-    """The outputs, or parts of outputs, of `stage` that its input `changed` feeds. DVC records
-    stage-level dependencies; the clean and tokenize stages' contracts are finer and say so here:
-    clean writes the corpus from unlabeled sources and the labeled set from labeled ones, tokenize
-    encodes the labeled set apart from the corpus shards (unless `include_labeled_train`), and
-    the word stages (cooccur, skipgram, cbow) read it only with `words.include_labeled_train`."""
-    every = [o.path for o in stage.outs]
-    if stage.name == "clean" and stage.outs:
-        raw = next((d.path for d in stage.deps if Artifact(d.path, "").contains(changed)
-                    and d.path != changed), None)
-        if raw is not None:
-            source = changed[len(raw):].strip("/").split("/")[0]
-            sources = stage.params.get("data", {}).get("sources", [])
-            labeled = {s["name"] for s in sources if s.get("label_field")}
-            return [f"{every[0]}/{'labeled' if source in labeled else 'corpus'}.parquet"]
-    corpus_only = not stage.params.get("tokenize", {}).get("include_labeled_train")
-    if stage.name == "tokenize" and changed.endswith("labeled.parquet") and corpus_only:
-        tokens = [o.path for o in stage.outs if o.md5.endswith(".dir")][-1]  # the tokenizer's dir, then this
-        return [f"{tokens}/labeled"]
-    reads_labeled = stage.params.get("words", {}).get("include_labeled_train")
-    if stage.name in WORD_STAGES and changed.endswith("labeled.parquet") and not reads_labeled:
-        return []
-    return every
-
-
 def downstream(stages: dict[str, StageRecord], path: str) -> dict[str, list[str]]:
-    """The stages built from `path`, directly or through other stages, each with the outputs (or
-    parts of outputs) that `path` reaches."""
+    """The stages built from `path`, directly or through other stages, each with its outputs: DVC's
+    graph is exact (every stage depends on what it reads under its params), so no finer rule."""
     found: dict[str, list[str]] = {}
     frontier = [path]
     while frontier:
@@ -128,7 +102,7 @@ def downstream(stages: dict[str, StageRecord], path: str) -> dict[str, list[str]
             uses = any(d.contains(current) or Artifact(current, "").contains(d.path) for d in stage.deps)
             if not uses:
                 continue
-            reached = [o for o in affected_outputs(stage, current) if o not in found.get(stage.name, [])]
+            reached = [o.path for o in stage.outs if o.path not in found.get(stage.name, [])]
             if reached:
                 found.setdefault(stage.name, []).extend(reached)
                 frontier.extend(reached)
@@ -158,7 +132,7 @@ def raw_sources(stages: dict[str, StageRecord], root: Path, rev: str | None) -> 
         for entry in entries:
             if entry["relpath"] == RAW_MANIFEST:
                 continue
-            source = entry["relpath"].split("/", 1)[0]
+            source = entry["relpath"].split("/")[1]  # <kind>/<source>/<file>
             found.append({"path": f"{out.path}/{entry['relpath']}", "md5": entry["md5"], "source": source,
                           "origin": origins.get(source, "")})
     return found

@@ -86,7 +86,7 @@ def word_tables(clean_dir: Path, include_labeled_train: bool) -> list[Path]:
     tables = [clean_dir / CORPUS_FILE] + ([clean_dir / LABELED_FILE] if include_labeled_train else [])
     for table in tables:
         if not table.exists():
-            raise InputError(f"{table}: clean output not found (run the clean stage)")
+            raise InputError(f"{table}: clean output not found (run the clean stages)")
     return tables
 
 

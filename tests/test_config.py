@@ -76,6 +76,25 @@ def test_tabular_source_needs_a_text_field(tmp_path: Path) -> None:
         load_config(write_params(tmp_path, "data.sources.1.text_field", None))
 
 
+def test_optional_input_is_a_path_not_a_switch(tmp_path: Path) -> None:
+    """An old `include_labeled_train: false` gets one line saying what to write instead."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(write_params(tmp_path, "tokenize.include_labeled_train", False))
+    assert "'tokenize.include_labeled_train'" in str(caught.value) and "inputs/none" in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_optional_input_names_what_it_reads(tmp_path: Path) -> None:
+    """Any other path would make DVC track a file the stage does not read."""
+    with pytest.raises(ConfigError, match=r"pretrain\.init_embeddings: 'data/glove' is neither "
+                                          r"data/glove_token nor paths\.no_input \(inputs/none\)"):
+        load_config(write_params(tmp_path, "pretrain.init_embeddings", "data/glove"))
+    cfg = load_config(overrides={"words.include_labeled_train": "inputs/none",
+                                 "tokenize.include_labeled_train": "data/clean/labeled.parquet"})
+    assert not cfg.paths.given(cfg.words.include_labeled_train)
+    assert cfg.paths.given(cfg.tokenize.include_labeled_train)
+
+
 def test_overrides_use_dotted_keys() -> None:
     cfg = load_config(overrides={"data.clean.split.salt": "other"})
     assert cfg.data.clean.split.salt == "other"

@@ -11,6 +11,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import NO_INPUT
 
 from pipeline.config import ConfigError, parse_config
 from pipeline.files import InputError
@@ -43,8 +44,8 @@ def stage_matrix(out_dir: Path) -> tuple[list[str], dict]:
 def run_cooccur(root: Path, params: dict[str, Any], out: Path, unit: str = "word",
                 **overrides: Any) -> dict[str, Any]:
     params = copy.deepcopy(params)
-    if "include_labeled_train" in overrides:
-        params["words"]["include_labeled_train"] = overrides.pop("include_labeled_train")
+    if not overrides.pop("include_labeled_train", True):  # on in the params given
+        params["words"]["include_labeled_train"] = NO_INPUT
     params["cooccur"].update(overrides)
     return cooccur.run(parse_config(params), root / "clean", root / "tokenizer", root / "tokens", out,
                        out.parent / f"{out.name}.json", unit)
@@ -118,7 +119,7 @@ def test_empty_train_split_is_refused(tiny_project, tmp_path):
                                 .column("split").to_numpy(zero_copy_only=False) != "train"),
                    tmp_path / "clean" / CORPUS_FILE)
     params = copy.deepcopy(params)
-    params["words"]["include_labeled_train"] = False
+    params["words"]["include_labeled_train"] = NO_INPUT
     with pytest.raises(InputError, match="train has no words"):
         cooccur.run(parse_config(params), tmp_path / "clean", root / "tokenizer", root / "tokens",
                     tmp_path / "co", tmp_path / "co.json")

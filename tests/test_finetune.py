@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import Interrupt, StopAt  # a fine-tune killed mid-run
+from conftest import NO_INPUT, Interrupt, StopAt, tokenize_all  # StopAt: a fine-tune killed mid-run
 from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 from typer.testing import CliRunner
@@ -26,7 +26,7 @@ from pipeline.cli import app
 from pipeline.config import parse_config
 from pipeline.files import InputError
 from pipeline.shards import TokenShards
-from pipeline.stages import evaluate, finetune, pretrain, tokenize
+from pipeline.stages import evaluate, finetune, pretrain
 
 TINY_MODEL = {"arch": "gpt", "context": 64, "n_layer": 2, "n_head": 2, "n_embd": 64}
 
@@ -53,7 +53,7 @@ def tiny_lm(tiny_project, tmp_path_factory) -> tuple[Path, dict[str, Any]]:
     params = copy.deepcopy(params)
     params["pretrain"] = {"model": TINY_MODEL, "batch_size": 8, "max_steps": 30, "warmup_steps": 3,
                           "eval_every": 10, "eval_windows": 8, "checkpoint_every": 30,
-                          "init_embeddings": False}
+                          "init_embeddings": NO_INPUT}
     out = tmp_path_factory.mktemp("lm")
     pretrain.run(parse_config(params), root / "tokens", root / "tokenizer", root / "lm", out / "ckpt", out)
     return root, params
@@ -162,7 +162,7 @@ def test_an_encoder_fine_tunes_and_is_scored_without_bits_per_byte(tiny_project,
     params = copy.deepcopy(params)
     params["pretrain"] = {"objective": "mlm", "model": TINY_MODEL, "batch_size": 8, "max_steps": 20,
                           "warmup_steps": 2, "eval_every": 10, "eval_windows": 8, "checkpoint_every": 20,
-                          "init_embeddings": False}
+                          "init_embeddings": NO_INPUT}
     params["evaluate"].update(pseudo_perplexity_windows=2)
     pretrain.run(parse_config(params), root / "tokens", root / "tokenizer", tmp_path / "lm", tmp_path / "ck",
                  tmp_path)
@@ -216,8 +216,7 @@ def test_a_label_seen_in_test_but_never_in_train_is_refused(tiny_project, tmp_pa
     pq.write_table(pa.Table.from_pylist(table), tmp_path / "clean" / "labeled.parquet")
     (tmp_path / "clean" / "corpus.parquet").write_bytes((root / "clean" / "corpus.parquet").read_bytes())
     with pytest.raises(InputError, match=r"\['sarcastic'\] appear in test but never in train"):
-        tokenize.run(parse_config(params), tmp_path / "clean", tmp_path / "tok", tmp_path / "tokens",
-                     tmp_path / "t.json")
+        tokenize_all(parse_config(params), tmp_path / "clean", tmp_path, tmp_path)
 
 
 def test_registered_classifier_serves_through_pyfunc(trained, tmp_path, monkeypatch, capfd):

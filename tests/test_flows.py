@@ -38,7 +38,9 @@ def tiny_project(root: Path) -> Path:
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
                            check=True).stdout.split()
     for name in files:
-        if name.startswith(("pipeline/", "flows/", "models/")) or name in ("dvc.yaml", "params.yaml"):
+        # metrics/backbones.json: the backbone comparison (benchmarks/backbones.py) the report shows
+        if name.startswith(("pipeline/", "flows/", "models/", "inputs/")) or name in (
+                "dvc.yaml", "params.yaml", "metrics/backbones.json"):
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(REPO / name, root / name)
     lines = resolve_package_path(SENTIMENT_CSV).read_bytes().split(b"\r\n")
@@ -84,9 +86,10 @@ def test_the_flow_runs_every_stage_then_finds_nothing_to_retrain(prefect_server,
     # lineage on this real (tiny) run: the registered classifier back to the raw bytes, as DVC hashed them
     chain = lineage.trace("models:/sentiment-classifier@champion", root=project, tracking_uri=uri)
     assert chain["target"] == "data/classifier"
-    assert {"finetune", "pretrain", "tokenize", "clean", "ingest"} <= {s["stage"] for s in chain["stages"]}
+    assert {"finetune", "pretrain", "tokenize", "tokenize_labeled", "clean", "clean_labeled",
+            "ingest"} <= {s["stage"] for s in chain["stages"]}
     raw = {source["source"]: source["md5"] for source in chain["raw_sources"]}
-    assert raw["sentiment"] == file_digest(project / "data/raw/sentiment/sentiment.csv", "md5")
+    assert raw["sentiment"] == file_digest(project / "data/raw/labeled/sentiment/sentiment.csv", "md5")
     assert raw["enwiki"] == file_digest(resolve_package_path(params_source(project, 0)), "md5")
     assert all(stage["mlflow"] for stage in chain["stages"])  # each stage's MLflow run, found by md5
     assert lineage.verify("data/classifier", root=project) == []
@@ -95,15 +98,17 @@ def test_the_flow_runs_every_stage_then_finds_nothing_to_retrain(prefect_server,
     shard.unlink()  # replace, never write in place: the DVC cache may be a hard link
     shard.write_bytes(tampered)
     problems = {p["path"]: p for p in lineage.verify("data/classifier", root=project)}
-    assert problems["data/tokens"]["changed_files"] == [f"data/tokens/train/{shard.name}"]
+    assert problems["data/tokens/train"]["changed_files"] == [f"data/tokens/train/{shard.name}"]
     downstream = {stage for p in problems.values() for stage in p["downstream"]}
     assert {"cooccur_token", "glove_token", "pretrain", "finetune", "evaluate"} <= downstream
     assert not {"cooccur", "glove", "skipgram", "cbow"} & downstream  # word vectors never read the shards
-    reached = lineage.impacted("data/raw/sentiment/sentiment.csv", root=project)["stages"]
-    # the word vectors count the labeled train texts (words.include_labeled_train)
-    assert {"finetune", "evaluate", "cooccur", "glove", "skipgram", "cbow"} <= set(reached)
+    reached = lineage.impacted("data/raw/labeled/sentiment/sentiment.csv", root=project)["stages"]
+    # exactly its readers: the word vectors count the labeled train texts (words.include_labeled_train),
+    # the language model never reads them (tokenize.include_labeled_train is off)
+    assert set(reached) == {"clean_labeled", "tokenize_labeled", "cooccur", "glove", "skipgram", "cbow",
+                            "finetune", "evaluate"}
     assert "data/classifier" in reached["finetune"]
-    registered = lineage.impacted("data/raw/sentiment/sentiment.csv", root=project, tracking_uri=uri)
+    registered = lineage.impacted("data/raw/labeled/sentiment/sentiment.csv", root=project, tracking_uri=uri)
     assert "models:/sentiment-classifier/1" in registered["model_versions"]
     assert all(registered["mlflow_runs"][stage] for stage in ("finetune", "evaluate"))
     with pytest.raises(InputError, match="not found in MLflow"):
@@ -153,26 +158,26 @@ def test_the_flow_runs_every_stage_then_finds_nothing_to_retrain(prefect_server,
     assert result["promotion"]["new_version"] == "2" and not result["promotion"]["promoted"]  # margin 1.0
     assert str(client.get_model_version_by_alias("sentiment-classifier", "champion").version) == "1"
 
-    # the graph is exact where DVC can say it: a flipped byte in a labeled test shard makes only its
-    # readers stale, never the language model (pretrain reads the corpus shards and their manifest)
+    # the graph is exact: a flipped byte in a labeled test shard makes only its readers stale, never
+    # the language model (pretrain reads the corpus shards and their manifest)
     shard = project / "data/tokens/labeled/test.arrow"
     original = shard.read_bytes()
     shard.unlink()
     shard.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
     stale, _ = stale_stages(project)
     reasons = {s.name: {kind for kind, _ in s.reasons} for s in stale if s.reasons}
-    assert reasons == {"tokenize": {"output"}, "finetune": {"data"}, "evaluate": {"data", "upstream"}}
+    assert reasons == {"tokenize_labeled": {"output"}, "finetune": {"data"}, "evaluate": {"data", "upstream"}}
     shard.unlink()
     shard.write_bytes(original)
-    # and at rerun time: one labeled row fewer reruns the stages that read the labeled set and none
-    # that read only the corpus (their inputs come out byte-identical, so DVC skips them)
+    # and at rerun time: one labeled row fewer reruns exactly the stages that read the labeled set
     before = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     rows = (project / "sentiment.csv").read_bytes().split(b"\r\n")
     (project / "sentiment.csv").write_bytes(b"\r\n".join(rows[:-2] + rows[-1:]))
     assert retrain_module.dvc(project, "repro", "--quiet").returncode == 0
     after = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     assert {name for name in after if after[name] != before[name]} == {
-        "ingest", "clean", "tokenize", "cooccur", "glove", "skipgram", "cbow", "finetune", "evaluate"}
+        "ingest", "clean_labeled", "tokenize_labeled", "cooccur", "glove", "skipgram", "cbow", "finetune",
+        "evaluate"}
 
 
 def test_a_stage_that_fails_once_succeeds_on_retry(prefect_server, tmp_path, monkeypatch):

@@ -18,25 +18,28 @@ def entry(root: Path, path: str) -> dict[str, str]:
 
 @pytest.fixture
 def chain(tmp_path: Path) -> Path:
-    """raw -> clean -> tokens, with code deps, as dvc.lock records such a pipeline."""
-    for name, text in {"data/raw/wiki/dump.xml": "<page/>", "data/raw/labels/x.csv": "a,b\n",
-                       "data/clean/corpus.parquet": "corpus", "data/tokens/train/t.arrow": "ids",
+    """raw -> clean, clean_labeled -> tokenize, tokenize_labeled, with code deps, as dvc.lock records
+    such a pipeline (one clean and one tokenize stage per kind of text, as in dvc.yaml)."""
+    for name, text in {"data/raw/corpus/wiki/dump.xml": "<page/>", "data/raw/labeled/labels/x.csv": "a,b\n",
+                       "data/clean/corpus.parquet": "corpus", "data/clean/labeled.parquet": "labeled",
+                       "data/tokens/train/t.arrow": "ids", "data/tokens/labeled/train.arrow": "ids",
                        "ingest.py": "1", "clean.py": "2", "tokenize.py": "3"}.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
+
+    def stage(module: str, deps: list[str], outs: list[str], params: dict | None = None) -> dict:
+        return {"cmd": f"python -m pipeline.stages.{module}", "deps": [entry(tmp_path, d) for d in deps],
+                "params": {"params.yaml": params or {}}, "outs": [entry(tmp_path, o) for o in outs]}
+
     stages = {
-        "ingest": {"cmd": "python -m pipeline.stages.ingest", "deps": [entry(tmp_path, "ingest.py")],
-                   "params": {"params.yaml": {"data.sources": ["wiki", "labels"]}},
-                   "outs": [entry(tmp_path, "data/raw")]},
-        "clean": {"cmd": "python -m pipeline.stages.clean",
-                  "deps": [entry(tmp_path, "data/raw"), entry(tmp_path, "clean.py")],
-                  "params": {"params.yaml": {"data": {"sources": [{"name": "wiki"},
-                                                                  {"name": "labels", "label_field": "y"}]}}},
-                  "outs": [entry(tmp_path, "data/clean")]},
-        "tokenize": {"cmd": "python -m pipeline.stages.tokenize",
-                     "deps": [entry(tmp_path, "data/clean"), entry(tmp_path, "tokenize.py")],
-                     "params": {"params.yaml": {"tokenize": {"vocab_size": 512}}},
-                     "outs": [entry(tmp_path, "data/tokens")]},
+        "ingest": stage("ingest", ["ingest.py"], ["data/raw"], {"data.sources": ["wiki", "labels"]}),
+        "clean": stage("clean --kind corpus", ["data/raw/corpus", "clean.py"], ["data/clean/corpus.parquet"]),
+        "clean_labeled": stage("clean --kind labeled", ["data/raw/labeled", "clean.py"],
+                               ["data/clean/labeled.parquet"]),
+        "tokenize": stage("tokenize", ["data/clean/corpus.parquet", "tokenize.py"], ["data/tokens/train"],
+                          {"tokenize": {"vocab_size": 512}}),
+        "tokenize_labeled": stage("tokenize --part labeled", ["data/clean/labeled.parquet", "tokenize.py"],
+                                  ["data/tokens/labeled"]),
     }
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": stages}))
     return tmp_path
@@ -50,56 +53,53 @@ def test_trace_walks_back_to_the_raw_stage(chain: Path) -> None:
 
 
 def test_clean_workspace_verifies_and_a_tampered_file_is_named(chain: Path) -> None:
-    assert lineage.verify("data/tokens", root=chain) == []
+    assert lineage.verify("data/tokens/train", root=chain) == []
     (chain / "data/clean/corpus.parquet").write_text("corpus!")
-    problems = lineage.verify("data/tokens", root=chain)
-    assert [p["path"] for p in problems] == ["data/clean"]
+    problems = lineage.verify("data/tokens/train", root=chain)
+    assert [p["path"] for p in problems] == ["data/clean/corpus.parquet"]
     assert problems[0]["downstream"] == ["tokenize"]
 
 
 def test_missing_artifact_is_reported(chain: Path) -> None:
-    (chain / "data/raw/labels/x.csv").unlink()
-    problems = lineage.verify("data/tokens", root=chain)
-    assert [p["path"] for p in problems] == ["data/raw"]
-    assert problems[0]["downstream"] == ["clean", "tokenize"]
+    (chain / "data/raw/labeled/labels/x.csv").unlink()
+    problems = lineage.verify("data/tokens/labeled", root=chain)
+    assert [p["path"] for p in problems] == ["data/raw/labeled", "data/raw"]  # a dep, and ingest's output
+    assert problems[0]["downstream"] == ["clean_labeled", "tokenize_labeled"]
     (chain / "tokenize.py").unlink()
-    actual = {p["path"]: p["actual"] for p in lineage.verify("data/tokens", root=chain)}
+    actual = {p["path"]: p["actual"] for p in lineage.verify("data/tokens/train", root=chain)}
     assert actual["tokenize.py"] == "missing"
 
 
 def test_impacted_lists_everything_downstream(chain: Path) -> None:
-    # the clean and tokenize contracts keep a labeled source out of the corpus, its shards and their
-    # manifest (the labeled set's summary lives beside its own shards)
-    result = lineage.impacted("data/raw/labels/x.csv", root=chain)
-    assert result["stages"] == {"clean": ["data/clean/labeled.parquet"], "tokenize": ["data/tokens/labeled"]}
-    result = lineage.impacted("data/raw/wiki/dump.xml", root=chain)
-    assert result["stages"] == {"clean": ["data/clean/corpus.parquet"], "tokenize": ["data/tokens"]}
-    assert lineage.impacted("tokenize.py", root=chain)["stages"] == {"tokenize": ["data/tokens"]}
+    # DVC's graph alone: a labeled source reaches the labeled stages only, a corpus source the corpus's
+    result = lineage.impacted("data/raw/labeled/labels/x.csv", root=chain)
+    assert result["stages"] == {"clean_labeled": ["data/clean/labeled.parquet"],
+                                "tokenize_labeled": ["data/tokens/labeled"]}
+    result = lineage.impacted("data/raw/corpus/wiki/dump.xml", root=chain)
+    assert result["stages"] == {"clean": ["data/clean/corpus.parquet"], "tokenize": ["data/tokens/train"]}
+    assert lineage.impacted("tokenize.py", root=chain)["stages"] == {
+        "tokenize": ["data/tokens/train"], "tokenize_labeled": ["data/tokens/labeled"]}
 
 
-WORD_DEPS = ("data/clean/corpus.parquet", "data/clean/labeled.parquet")
-
-
-@pytest.mark.parametrize(("stage", "deps", "include_labeled", "reached"), [
-    ("cooccur", WORD_DEPS, True, True),
-    ("cooccur", WORD_DEPS, False, False),
-    ("cooccur_token", ("data/tokens/train",), True, False),  # the shards hold no labeled text here
-])
+@pytest.mark.parametrize(("labeled_input", "reached"), [("data/clean/labeled.parquet", True),
+                                                        ("inputs/none", False)])
 def test_labeled_texts_reach_the_cooccurrences_only_where_counted(
-    chain: Path, stage: str, deps: tuple[str, ...], include_labeled: bool, reached: bool
+    chain: Path, labeled_input: str, reached: bool
 ) -> None:
-    (chain / "data/clean/labeled.parquet").write_text("labeled")
-    (chain / f"data/{stage}").mkdir()
-    (chain / f"data/{stage}/cooccur.parquet").write_text("triples")
+    """words.include_labeled_train is the path cooccur depends on (the labeled set, or inputs/none)."""
+    (chain / "inputs/none").mkdir(parents=True)
+    (chain / "inputs/none/README.md").write_text("no input")
+    (chain / "data/cooccur").mkdir()
+    (chain / "data/cooccur/cooccur.parquet").write_text("triples")
     lock = yaml.safe_load((chain / "dvc.lock").read_text())
-    lock["stages"][stage] = {
-        "cmd": f"python -m pipeline.stages.cooccur --unit {'token' if 'token' in stage else 'word'}",
-        "deps": [entry(chain, p) for p in deps],
-        "params": {"params.yaml": {"words": {"include_labeled_train": include_labeled}}},
-        "outs": [entry(chain, f"data/{stage}")]}
+    lock["stages"]["cooccur"] = {
+        "cmd": "python -m pipeline.stages.cooccur --unit word",
+        "deps": [entry(chain, "data/clean/corpus.parquet"), entry(chain, labeled_input)],
+        "params": {"params.yaml": {"words": {"include_labeled_train": labeled_input}}},
+        "outs": [entry(chain, "data/cooccur")]}
     (chain / "dvc.lock").write_text(yaml.safe_dump(lock))
-    assert (stage in lineage.impacted("data/raw/labels/x.csv", root=chain)["stages"]) == reached
-    assert stage in lineage.impacted("data/raw/wiki/dump.xml", root=chain)["stages"]
+    assert ("cooccur" in lineage.impacted("data/raw/labeled/labels/x.csv", root=chain)["stages"]) == reached
+    assert "cooccur" in lineage.impacted("data/raw/corpus/wiki/dump.xml", root=chain)["stages"]
 
 
 def test_unknown_target_is_a_clear_error(chain: Path) -> None:

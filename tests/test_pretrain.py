@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from conftest import NO_INPUT
 from safetensors.torch import load_file
 
 from pipeline.checkpoint import STATE, WEIGHTS, load_model, load_state
@@ -36,7 +37,8 @@ def pretrain_params(project: tuple[Path, dict[str, Any]], out: Path, **overrides
     params = copy.deepcopy(params)
     params["paths"].update(lm=str(out / "lm"), checkpoints=str(out / "checkpoints"), metrics=str(out / "m"))
     params["pretrain"] = {"model": TINY_MODEL, "batch_size": 8, "max_steps": 12, "warmup_steps": 2,
-                          "eval_every": 4, "eval_windows": 8, "checkpoint_every": 4, "init_embeddings": False,
+                          "eval_every": 4, "eval_windows": 8, "checkpoint_every": 4,
+                          "init_embeddings": NO_INPUT,
                           **overrides}
     return params
 
@@ -207,7 +209,8 @@ def test_glove_token_vectors_initialise_the_embedding(tiny_project, tmp_path: Pa
     narrow = pretrain.glove_embedding(tmp_path / "glove", torch.randn(512, 8) * 0.02)  # wider GloVe: PCA
     assert narrow.shape == (512, 8) and not torch.equal(narrow[ids], torch.zeros(len(ids), 8))
     # a tiny pretrain run starts from them
-    run_params = pretrain_params(tiny_project, tmp_path / "run", max_steps=2, init_embeddings=True)
+    run_params = pretrain_params(tiny_project, tmp_path / "run", max_steps=2,
+                                 init_embeddings=str(tmp_path / "glove"))
     run_params["paths"]["glove_token"] = str(tmp_path / "glove")
     finish(launch(run_params, tmp_path / "run"))
 

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import follow_paths, tokenize_all
 from tokenizers import Tokenizer
 
 from pipeline.config import Config, parse_config, project_root
@@ -36,7 +37,7 @@ def tiny_params(root: Path, vocab_size: int = 400) -> dict[str, Any]:
                        "tokenizer": str(root / "tokenizer"), "tokens": str(root / "tokens")}
     params["tracking"] = {"enabled": False}
     params["tokenize"].update(vocab_size=vocab_size, shard_tokens=4096, max_length=16)
-    return params
+    return follow_paths(params)
 
 
 def small_clean_dir(root: Path, source: Path) -> Path:
@@ -62,14 +63,14 @@ def real_clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["paths"] = {"raw": str(root / "raw"), "clean": str(root / "clean"), "metrics": str(root)}
     params["tracking"] = {"enabled": False}
-    cfg = parse_config(params)
+    cfg = parse_config(follow_paths(params))
     ingest.run(cfg, root / "raw")
     clean.run(cfg, root / "raw", root / "clean", root / "clean.json")
     return root / "clean"
 
 
 def run_stage(cfg: Config, root: Path) -> dict[str, Any]:
-    return tokenize.run(cfg, root / "clean", root / "tokenizer", root / "tokens", root / "tokenize.json")
+    return tokenize_all(cfg, root / "clean", root, root)
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +139,31 @@ def test_labeled_set_is_encoded_with_a_label_mapping(tokenized: tuple[Path, dict
     summary = json.loads((root / "tokens" / "labeled" / "summary.json").read_text())
     assert summary["labels"] == mapping and summary["splits"]["train"]["examples"] == len(table["label"])
     assert "labeled" not in read_manifest(root / "tokens")  # the corpus manifest knows no labeled text
+    tokenizer = Tokenizer.from_file(str(root / "tokenizer" / "tokenizer.json"))
+    assert summary["pad_id"] == tokenizer.token_to_id("<|pad|>")
+
+
+def test_the_corpus_part_never_reads_the_labeled_set_and_the_labeled_part_leaves_it(
+        real_clean: Path, tmp_path: Path) -> None:
+    """What DVC's graph says: `tokenize` reads the labeled set only when include_labeled_train names
+    it, and `tokenize_labeled` writes only tokens/labeled (beside the corpus shards, untouched)."""
+    root = tmp_path / "run"
+    small_clean_dir(root, real_clean)
+    cfg = parse_config(tiny_params(root))
+    (root / "clean" / clean.LABELED_FILE).rename(tmp_path / "labeled.parquet")
+    tokenize.run(cfg, root / "clean", root / "tokenizer", root / "tokens", root / "tokenize.json")
+    def digests() -> dict[str, str]:
+        files = (p for p in (root / "tokens").rglob("*") if p.is_file())
+        return {p.relative_to(root).as_posix(): file_digest(p) for p in files}
+
+    corpus_files = digests()
+    with pytest.raises(InputError, match="clean_labeled"):
+        tokenize.run_labeled(cfg, root / "clean", root / "tokenizer", root / "tokens", root / "labeled.json")
+    (tmp_path / "labeled.parquet").rename(root / "clean" / clean.LABELED_FILE)
+    tokenize.run_labeled(cfg, root / "clean", root / "tokenizer", root / "tokens", root / "labeled.json")
+    after = digests()
+    assert {k: v for k, v in after.items() if "/labeled/" not in k} == corpus_files
+    assert {"tokens/labeled/train.arrow", "tokens/labeled/summary.json"} <= after.keys()
 
 
 def test_two_runs_are_byte_identical(real_clean: Path, tmp_path: Path) -> None:
@@ -258,7 +284,7 @@ def test_reusing_a_tokenizer_file_gives_the_same_ids(tokenized: tuple[Path, dict
 def test_domain_adaptive_pretraining_appends_labeled_train_texts(real_clean: Path, tmp_path: Path) -> None:
     small_clean_dir(tmp_path, real_clean)
     params = tiny_params(tmp_path)
-    params["tokenize"]["include_labeled_train"] = True
+    params["tokenize"]["include_labeled_train"] = str(tmp_path / "clean" / clean.LABELED_FILE)
     run_stage(parse_config(params), tmp_path)
     tokenizer = Tokenizer.from_file(str(tmp_path / "tokenizer" / "tokenizer.json"))
     corpus = pq.read_table(tmp_path / "clean" / clean.CORPUS_FILE).to_pydict()

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import NO_INPUT
 from safetensors.numpy import load_file
 
 from pipeline.config import parse_config, project_root
@@ -79,7 +80,7 @@ def test_one_worker_reruns_give_identical_vectors(tiny_project, tmp_path):
 def test_labeled_texts_count_only_when_asked(tiny_project, tmp_path):
     root, params = tiny_project
     params = copy.deepcopy(params)
-    params["words"]["include_labeled_train"] = False
+    params["words"]["include_labeled_train"] = NO_INPUT
     run_word2vec(root, params, tmp_path)
     vocab, _ = read_text_vectors(tmp_path / "skipgram" / TEXT_FILE)
     corpus = pq.read_table(root / "clean" / CORPUS_FILE, columns=["text", "split"]).to_pydict()

@@ -1,12 +1,14 @@
-"""Clean stage: raw sources -> deduplicated, filtered, split Parquet corpora and a report.
+"""Clean stages: raw sources -> deduplicated, filtered, split Parquet tables and a report, one stage
+per kind of source (`--kind corpus`: stage `clean`; `--kind labeled`: stage `clean_labeled`), each
+reading only `paths.raw/<kind>/`.
 
-Outputs (schemas in DESIGN.md), written atomically into `paths.clean`:
+Outputs (schemas in DESIGN.md), each written atomically into `paths.clean`:
 - `corpus.parquet`: id, source, text, split — the pretraining corpus (sources without labels);
 - `labeled.parquet`: id, source, text, split, label — the labeled set;
-`paths.splits/splits.parquet` (source, key, split): the split of every document ever seen, which
+`paths.splits/<kind>.parquet` (source, key, split): the split of every document ever seen, which
 the next run reads so that no document changes split as its source grows (DVC keeps it: `persist`);
-and `metrics/clean.json`: documents in and out per source and per filter, repairs, characters,
-split sizes and the label distribution per split.
+and `metrics/clean.json` (`clean_labeled.json`): documents in and out per source and per filter,
+repairs, characters, split sizes and the label distribution per split.
 
 The split: a document seen before keeps its split. New documents, taken in the order of a salted
 hash of their key (a page title, else the content id), each go to the split furthest below its
@@ -40,7 +42,7 @@ import pyarrow.parquet as pq
 from datasketch import MinHash, MinHashLSH
 
 from pipeline.config import Config, Dedup, Filters, Source, Split, project_root
-from pipeline.files import InputError, atomic_dir, atomic_path, resolve_paths, write_json
+from pipeline.files import InputError, atomic_path, resolve_paths, write_json
 from pipeline.progress import Progress
 from pipeline.sources import RawDoc, read_source
 from pipeline.stagecli import stage_main
@@ -50,7 +52,7 @@ SPLITS = ("train", "val", "test")
 WORD = re.compile(r"\w+")
 CORPUS_FILE = "corpus.parquet"
 LABELED_FILE = "labeled.parquet"
-SPLITS_FILE = "splits.parquet"
+KIND_FILES = {"corpus": CORPUS_FILE, "labeled": LABELED_FILE}
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,7 +337,7 @@ def batched(items: Iterable[RawDoc], size: int) -> Iterator[list[RawDoc]]:
 
 
 def read_all(source: Source, raw_dir: Path, report: SourceReport) -> Iterator[RawDoc]:
-    paths = resolve_paths(str(raw_dir / source.name))
+    paths = resolve_paths(str(raw_dir / source.kind / source.name))
     report.files = len(paths)
     for path in paths:
         yield from read_source(source, path)
@@ -349,14 +351,15 @@ def throttled(items: Iterable[Any], slots: threading.BoundedSemaphore) -> Iterat
 
 
 def clean_sources(cfg: Config, raw_dir: Path, sets: dict[str, OutputSet]) -> dict[str, SourceReport]:
-    """Every source read, cleaned in worker processes, filtered and deduplicated into its set."""
+    """Every source of the kinds in `sets` read, cleaned in worker processes, filtered and
+    deduplicated into its set."""
     clean_cfg = cfg.data.clean
     reports: dict[str, SourceReport] = {}
     workers = clean_cfg.workers or os.cpu_count() or 1
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        for source in cfg.data.sources:
+        for source in (s for s in cfg.data.sources if s.kind in sets):
             report = reports[source.name] = SourceReport()
-            target = sets["labeled" if source.labeled else "corpus"]
+            target = sets[source.kind]
             filters = effective_filters(source, clean_cfg.filters)
             batches = batched(read_all(source, raw_dir, report), clean_cfg.batch_pages)
             progress = Progress(f"clean {source.name}", None, "doc")
@@ -388,24 +391,27 @@ def clean_sources(cfg: Config, raw_dir: Path, sets: dict[str, OutputSet]) -> dic
     return reports
 
 
-def run(
-    cfg: Config, raw_dir: Path, out_dir: Path, metrics_path: Path, splits_path: Path | None = None
-) -> dict[str, Any]:
-    """Clean every source ingested under `raw_dir` into `out_dir`, write the report to
-    `metrics_path` and return it. `splits_path`: the split manifest to follow and extend (None: none)."""
+def run(cfg: Config, raw_dir: Path, out_dir: Path, metrics_path: Path, splits_dir: Path | None = None,
+        kinds: tuple[str, ...] = tuple(KIND_FILES)) -> dict[str, Any]:
+    """Clean the sources of `kinds` ingested under `raw_dir` into `out_dir/<kind file>`, write the
+    report to `metrics_path` and return it. `splits_dir`: where each kind's split manifest is
+    followed and extended (None: none)."""
     clean_cfg = cfg.data.clean
     started = time.perf_counter()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    summaries: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".clean-") as scratch:
-        sets = {name: OutputSet(clean_cfg.dedup, Path(scratch) / filename, name == "labeled",
-                                clean_cfg.row_group_rows)
-                for name, filename in (("corpus", CORPUS_FILE), ("labeled", LABELED_FILE))}
+        sets = {kind: OutputSet(clean_cfg.dedup, Path(scratch) / KIND_FILES[kind], kind == "labeled",
+                                clean_cfg.row_group_rows) for kind in kinds}
         reports = clean_sources(cfg, raw_dir, sets)
-        manifest = read_split_manifest(splits_path, clean_cfg.split)
-        with atomic_dir(out_dir) as tmp:
-            summaries = {name: out.write_split(split_rows(out.keys, manifest, clean_cfg.split),
-                                               tmp / out.path.name) for name, out in sets.items()}
-    quality = summaries["labeled"].pop("quality")
+        for kind, out in sets.items():
+            manifest_path = splits_dir / KIND_FILES[kind] if splits_dir else None
+            manifest = read_split_manifest(manifest_path, clean_cfg.split)
+            with atomic_path(out_dir / KIND_FILES[kind]) as tmp:
+                summaries[kind] = out.write_split(split_rows(out.keys, manifest, clean_cfg.split), tmp)
+            if manifest_path is not None:
+                write_split_manifest(manifest_path, manifest, clean_cfg.split)
+    quality = summaries["labeled"].pop("quality") if "labeled" in summaries else None
     metrics: dict[str, Any] = {
         "sources": {
             name: {
@@ -418,37 +424,38 @@ def run(
             }
             for name, r in reports.items()
         },
-        "corpus": summaries["corpus"],
-        "labeled": summaries["labeled"],
-        "quality": quality,
+        **summaries,
+        **({"quality": quality} if quality is not None else {}),
     }
-    if splits_path is not None:
-        write_split_manifest(splits_path, manifest, clean_cfg.split)
     write_json(metrics_path, metrics)
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     return metrics
 
 
-def execute(cfg: Config) -> str:
+def execute(cfg: Config, kind: str) -> str:
     """The stage as DVC runs it: paths from params, one MLflow run, a summary line."""
     from pipeline import tracking
 
     root = project_root()
+    stage = "clean" if kind == "corpus" else f"clean_{kind}"
     raw_dir, out_dir = root / cfg.paths.raw, root / cfg.paths.clean
-    metrics_path = root / cfg.paths.metrics / "clean.json"
-    splits_path = root / cfg.paths.splits / SPLITS_FILE
-    with tracking.stage_run("clean", cfg.tracking, cfg.data.model_dump(), {"raw": raw_dir},
-                            {"clean": out_dir}) as run_log:
-        metrics = run(cfg, raw_dir, out_dir, metrics_path, splits_path)
+    metrics_path = root / cfg.paths.metrics / f"{stage}.json"
+    out_path = out_dir / KIND_FILES[kind]
+    if not any(s.kind == kind for s in cfg.data.sources):
+        raise InputError(f"data.sources: no {kind} source (a {kind} source is one "
+                         f"{'with' if kind == 'labeled' else 'without'} a label_field)")
+    with tracking.stage_run(stage, cfg.tracking, cfg.data.model_dump(), {"raw": raw_dir / kind},
+                            {"clean": out_path}) as run_log:
+        metrics = run(cfg, raw_dir, out_dir, metrics_path, root / cfg.paths.splits, (kind,))
         run_log.log_metrics(tracking.numeric_leaves(metrics))
         run_log.log_artifact(metrics_path)
-    corpus, labeled = metrics["corpus"], metrics["labeled"]
-    return (f"clean: corpus {corpus['documents']} documents ({corpus['characters']:,} chars), "
-            f"labeled {labeled['documents']} documents, {metrics['seconds']} s -> {out_dir}")
+    table = metrics[kind]
+    return (f"{stage}: {table['documents']} documents ({table['characters']:,} chars), "
+            f"{metrics['seconds']} s -> {out_path}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("clean", __doc__, execute, argv)
+    return stage_main("clean", __doc__, execute, argv, choices={"kind": tuple(KIND_FILES)})
 
 
 if __name__ == "__main__":

@@ -388,7 +388,7 @@ def run(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stack = contextlib.ExitStack()
     if unit == "word":
-        tables = word_tables(clean_dir, cfg.words.include_labeled_train)
+        tables = word_tables(clean_dir, cfg.paths.given(cfg.words.include_labeled_train))
         word_ids = read_word_ids(tables, cfg.words.pattern, Path(stack.enter_context(
             tempfile.TemporaryDirectory(dir=out_dir.parent))) / "word_ids.int32")
         vocab = word_vocabulary(word_ids, co, tables, cfg.words.pattern)

@@ -48,7 +48,6 @@ from pipeline.files import InputError, atomic_dir, file_digest, write_csv, write
 from pipeline.hf import is_transformers_dir
 from pipeline.models import SequenceClassifier, TransformersClassifier, with_dropout
 from pipeline.progress import Progress
-from pipeline.shards import read_manifest
 from pipeline.stagecli import stage_main
 from pipeline.tracking import path_md5
 from pipeline.training import autocast, decay_groups, warmup_cosine
@@ -109,7 +108,7 @@ def pipeline_start(cfg: Config, base: Path, tokens_dir: Path, labels: dict[str, 
     val = read_examples(labeled, "val").truncated(max_length)
     torch.manual_seed(f.seed)
     model = SequenceClassifier(backbone, len(labels), f.pooling)
-    pad_id = read_manifest(tokens_dir)["pad_id"]
+    pad_id = json.loads((labeled / "summary.json").read_text())["pad_id"]
     return Start(model, train, val, pad_id, max_length, False, lm_config["sha256"],
                  lambda out: shutil.copy(base / TOKENIZER_FILE, out / TOKENIZER_FILE))
 

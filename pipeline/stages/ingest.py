@@ -1,4 +1,6 @@
-"""Ingest stage: copy each raw source, byte for byte, into `paths.raw/<source name>/`.
+"""Ingest stage: copy each raw source, byte for byte, into `paths.raw/<kind>/<source name>/`, where
+the kind is `labeled` (a source with a `label_field`) or `corpus`, so each clean stage depends on
+exactly the sources it reads; `paths.raw/sources.json` lists every source's origin, kind and files.
 
 Sources can live anywhere: in an installed package (`pkg://`), in a local file, directory or glob,
 or at an http(s) URL. Copying them into the workspace makes DVC hash them, so `dvc.lock` records
@@ -60,13 +62,14 @@ def ingest_source(source: Source, folder: Path, base: Path) -> list[dict[str, An
 
 
 def run(cfg: Config, raw_dir: Path, base: Path | None = None) -> dict[str, Any]:
-    """Copy every configured source into `raw_dir/<name>/`; returns files, sizes and md5 per source."""
+    """Copy every configured source into `raw_dir/<kind>/<name>/`; returns origin, kind and files
+    (sizes and md5) per source."""
     base = base or project_root()
     report: dict[str, Any] = {}
     with atomic_dir(raw_dir) as tmp:
         for source in cfg.data.sources:
-            files = ingest_source(source, tmp / source.name, base)
-            report[source.name] = {"origin": source.path, "files": files}
+            files = ingest_source(source, tmp / source.kind / source.name, base)
+            report[source.name] = {"origin": source.path, "kind": source.kind, "files": files}
         write_json(tmp / "sources.json", report)
     return report
 

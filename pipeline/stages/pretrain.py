@@ -222,7 +222,7 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
     torch.manual_seed(p.seed)
     model = build_model(model_config(p, manifest["vocab_size"])).to(device)
     data_digest = manifest["tokenizer_sha256"]
-    if p.init_embeddings:
+    if cfg.paths.given(p.init_embeddings):
         glove_dir = glove_dir or project_root() / cfg.paths.glove_token
         with torch.no_grad():
             model.wte.weight.copy_(glove_embedding(glove_dir, model.wte.weight.detach().cpu()))
@@ -353,7 +353,7 @@ def execute(cfg: Config) -> str:
     init_dir = project_root() / cfg.pretrain.init_from
     leader = int(os.environ.get("RANK", 0)) == 0
     inputs = {"tokens": paths["tokens"]}
-    if cfg.pretrain.init_embeddings:
+    if cfg.paths.given(cfg.pretrain.init_embeddings):
         inputs["glove"] = paths["glove_token"]
     if (init_dir / "config.json").exists():
         inputs["init"] = init_dir

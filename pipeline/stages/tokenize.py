@@ -1,18 +1,20 @@
-"""Tokenize stage: a byte-level BPE trained on the train split, the corpus encoded into token shards,
-and the labeled set encoded for classification.
+"""Tokenize stages: `tokenize` trains a byte-level BPE on the train split and encodes the corpus into
+token shards; `tokenize_labeled` (`--part labeled`) encodes the labeled set for classification with
+that tokenizer, so a change in the labeled set alone leaves the tokenizer, the shards and the
+language model built from them untouched (unless `include_labeled_train` names the labeled set).
 
-Outputs:
+Outputs of `tokenize`:
 - `paths.tokenizer/tokenizer.json`: loads with `tokenizers.Tokenizer.from_file` and with
   `transformers.PreTrainedTokenizerFast(tokenizer_file=...)`, giving the same ids;
 - `paths.tokens/<split>/<split>-NNNNN.arrow`: fixed-size shards (see `pipeline/shards.py`);
+- `paths.tokens/manifest.json` (every shard's sha256, tokens, documents, dtype; totals; the
+  special ids) and `metrics/tokenize.json` (tokens per split, bytes per token, vocabulary size).
+Outputs of `tokenize_labeled`:
 - `paths.tokens/labeled/<split>.arrow`: `ids` (list of ids, truncated), `label` (int) and `text` (the
   clean text, for a fine-tune on a transformers model with its own tokenizer) per example,
   with `labels.json` mapping label names to ints (from the train split, sorted) and `summary.json`
-  (the mapping, examples and truncated examples per split);
-- `paths.tokens/manifest.json` (the corpus shards only: every shard's sha256, tokens, documents,
-  dtype; totals; the special ids), so a change in the labeled set alone leaves it, and the language
-  model built from it, untouched; and `metrics/tokenize.json` (tokens per split, bytes per token,
-  vocabulary size).
+  (the mapping, the pad id, examples and truncated examples per split), and
+  `metrics/tokenize_labeled.json`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pipeline.config import Config, Tokenize, project_root
-from pipeline.files import InputError, atomic_dir, file_digest, write_json
+from pipeline.files import InputError, atomic_children, atomic_dir, file_digest, write_json
 from pipeline.progress import Progress
 from pipeline.shards import MANIFEST, write_shard
 from pipeline.stagecli import stage_main
@@ -52,15 +54,15 @@ def read_texts(path: Path, split: str, batch: int = READ_BATCH) -> Iterator[list
             yield chosen
 
 
-def pretraining_texts(corpus: Path, labeled: Path, split: str, cfg: Tokenize,
+def pretraining_texts(corpus: Path, labeled: Path | None, split: str,
                       batch: int = READ_BATCH) -> Iterator[list[str]]:
-    """The corpus texts of a split, then (train only, with `include_labeled_train`) the labeled texts."""
+    """The corpus texts of a split, then (train only, when `labeled` is given) the labeled texts."""
     yield from read_texts(corpus, split, batch)
-    if split == "train" and cfg.include_labeled_train:
+    if split == "train" and labeled is not None:
         yield from read_texts(labeled, split, batch)
 
 
-def train_tokenizer(corpus: Path, labeled: Path, cfg: Tokenize) -> Tokenizer:
+def train_tokenizer(corpus: Path, labeled: Path | None, cfg: Tokenize) -> Tokenizer:
     """Byte-level BPE on the train split only; no normaliser, so decoding gives the text back exactly."""
     specials = [cfg.eot_token, cfg.pad_token, cfg.mask_token]
     if cfg.vocab_size < BYTE_ALPHABET + len(specials):
@@ -75,7 +77,7 @@ def train_tokenizer(corpus: Path, labeled: Path, cfg: Tokenize) -> Tokenizer:
         vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    texts = (t for batch in pretraining_texts(corpus, labeled, "train", cfg) for t in batch)
+    texts = (t for batch in pretraining_texts(corpus, labeled, "train") for t in batch)
     tokenizer.train_from_iterator(texts, trainer)
     return tokenizer
 
@@ -143,10 +145,10 @@ class ShardWriter:
 
 
 def encode_corpus(
-    tokenizer: Tokenizer, corpus: Path, labeled: Path, out_dir: Path, cfg: Tokenize, dtype: np.dtype
+    tokenizer: Tokenizer, corpus: Path, labeled: Path | None, out_dir: Path, cfg: Tokenize, dtype: np.dtype
 ) -> dict[str, ShardWriter]:
-    """One streaming pass over the corpus, every split into its own fixed-size shards (then, with
-    `include_labeled_train`, the labeled train texts appended to the train shards)."""
+    """One streaming pass over the corpus, every split into its own fixed-size shards (then, when
+    `labeled` is given, its train texts appended to the train shards)."""
     eot = tokenizer.token_to_id(cfg.eot_token)
     writers = {split: ShardWriter(out_dir, split, eot, cfg, dtype) for split in SPLITS}
     progress = Progress("tokenize", None, "doc")
@@ -160,7 +162,7 @@ def encode_corpus(
             if chosen:
                 writer.add([texts[i] for i in chosen], [encodings[i] for i in chosen])
         progress.update(len(texts))
-    if cfg.include_labeled_train:
+    if labeled is not None:
         writers["train"].corpus_tokens = writers["train"].written()
         for texts in read_texts(labeled, "train", cfg.batch_documents):
             writers["train"].add(texts, tokenizer.encode_batch_fast(texts, add_special_tokens=False))
@@ -172,7 +174,8 @@ def encode_corpus(
 
 
 def encode_labeled(tokenizer: Tokenizer, labeled: Path, out_dir: Path, cfg: Tokenize) -> dict[str, Any]:
-    """Ids per example (truncated at max_length) and integer labels, one Arrow file per split."""
+    """Ids per example (truncated at max_length) and integer labels, one Arrow file per split, into
+    `out_dir/labeled/`."""
     table = pq.read_table(labeled, columns=["text", "split", "label"]).to_pydict()
     train_labels = {lab for lab, s in zip(table["label"], table["split"], strict=True) if s == "train"}
     if not train_labels:
@@ -180,7 +183,8 @@ def encode_labeled(tokenizer: Tokenizer, labeled: Path, out_dir: Path, cfg: Toke
     mapping = {name: i for i, name in enumerate(sorted(train_labels))}
     (out_dir / "labeled").mkdir()
     write_json(out_dir / "labeled" / "labels.json", mapping)
-    summary: dict[str, Any] = {"labels": mapping, "splits": {}}
+    pad_id = tokenizer.token_to_id(cfg.pad_token)
+    summary: dict[str, Any] = {"labels": mapping, "pad_id": pad_id, "splits": {}}
     for split in SPLITS:
         rows = [i for i, s in enumerate(table["split"]) if s == split]
         unseen = sorted({table["label"][i] for i in rows} - train_labels)
@@ -205,25 +209,26 @@ def encode_labeled(tokenizer: Tokenizer, labeled: Path, out_dir: Path, cfg: Toke
 def run(
     cfg: Config, clean_dir: Path, tokenizer_dir: Path, tokens_dir: Path, metrics_path: Path
 ) -> dict[str, Any]:
-    """Train (or load) the tokenizer and encode every split; returns the metrics written."""
+    """Train (or load) the tokenizer and encode every split of the corpus (stage `tokenize`); returns
+    the metrics written. The labeled set is read only when `include_labeled_train` names it."""
     tok_cfg = cfg.tokenize
     started = time.perf_counter()
-    corpus, labeled = clean_dir / CORPUS_FILE, clean_dir / LABELED_FILE
+    corpus = clean_dir / CORPUS_FILE
+    labeled = clean_dir / LABELED_FILE if cfg.paths.given(tok_cfg.include_labeled_train) else None
     for path in (corpus, labeled):
-        if not path.exists():
-            raise InputError(f"{path}: clean output not found (run the clean stage)")
+        if path is not None and not path.exists():
+            raise InputError(f"{path}: clean output not found (run the clean stages)")
     if tok_cfg.tokenizer_file:
         tokenizer = load_tokenizer(project_root() / tok_cfg.tokenizer_file, tok_cfg)
     else:
         tokenizer = train_tokenizer(corpus, labeled, tok_cfg)
     vocab_size = tokenizer.get_vocab_size()
     dtype = token_dtype(vocab_size)
-    with atomic_dir(tokenizer_dir) as tok_tmp, atomic_dir(tokens_dir) as tmp:
+    with atomic_dir(tokenizer_dir) as tok_tmp, atomic_children(tokens_dir) as tmp:
         tokenizer.save(str(tok_tmp / "tokenizer.json"))
         writers = encode_corpus(tokenizer, corpus, labeled, tmp, tok_cfg, dtype)
         shards = [shard for split in SPLITS for shard in writers[split].shards]
         text_bytes = {split: writers[split].text_bytes for split in SPLITS}
-        labeled_summary = encode_labeled(tokenizer, labeled, tmp, tok_cfg)
         totals = {
             split: {"tokens": sum(s["tokens"] for s in shards if s["split"] == split),
                     "documents": sum(s["documents"] for s in shards if s["split"] == split),
@@ -241,7 +246,6 @@ def run(
             "mask_id": tokenizer.token_to_id(tok_cfg.mask_token),  # None in a reused tokenizer without it
             "shards": shards, "totals": totals,
         }
-        write_json(tmp / "labeled" / "summary.json", labeled_summary)
         write_json(tmp / MANIFEST, manifest)
     text_tokens = {s: totals[s]["tokens"] - totals[s]["documents"] for s in SPLITS}  # without EOT
     metrics = {
@@ -249,15 +253,37 @@ def run(
         "tokens": {split: totals[split]["tokens"] for split in SPLITS},
         "documents": {split: totals[split]["documents"] for split in SPLITS},
         "bytes_per_token": {s: round(text_bytes[s] / max(text_tokens[s], 1), 4) for s in SPLITS},
-        "labeled_examples": {s: v["examples"] for s, v in labeled_summary["splits"].items()},
-        "labeled_truncated": {s: v["truncated"] for s, v in labeled_summary["splits"].items()},
     }
     write_json(metrics_path, metrics)
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     return metrics
 
 
-def execute(cfg: Config) -> str:
+def run_labeled(
+    cfg: Config, clean_dir: Path, tokenizer_dir: Path, tokens_dir: Path, metrics_path: Path
+) -> dict[str, Any]:
+    """Encode the labeled set with the trained tokenizer (stage `tokenize_labeled`); returns the
+    metrics written."""
+    started = time.perf_counter()
+    labeled, tokenizer_file = clean_dir / LABELED_FILE, tokenizer_dir / "tokenizer.json"
+    if not labeled.exists():
+        raise InputError(f"{labeled}: clean output not found (run the clean_labeled stage)")
+    if not tokenizer_file.exists():
+        raise InputError(f"{tokenizer_file}: tokenizer not found (run the tokenize stage)")
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    with atomic_children(tokens_dir) as tmp:
+        summary = encode_labeled(tokenizer, labeled, tmp, cfg.tokenize)
+        write_json(tmp / "labeled" / "summary.json", summary)
+    metrics = {
+        "examples": {s: v["examples"] for s, v in summary["splits"].items()},
+        "truncated": {s: v["truncated"] for s, v in summary["splits"].items()},
+    }
+    write_json(metrics_path, metrics)
+    metrics["seconds"] = round(time.perf_counter() - started, 2)
+    return metrics
+
+
+def execute(cfg: Config, part: str) -> str:
     """The stage as DVC runs it: paths from params, one MLflow run, a summary line."""
     from pipeline import tracking
 
@@ -265,10 +291,22 @@ def execute(cfg: Config) -> str:
     root = project_root()
     clean_dir, tokens_dir = root / cfg.paths.clean, root / cfg.paths.tokens
     tokenizer_dir = root / cfg.paths.tokenizer
+    if part == "labeled":
+        metrics_path = root / cfg.paths.metrics / "tokenize_labeled.json"
+        inputs = {"labeled": clean_dir / LABELED_FILE, "tokenizer": tokenizer_dir}
+        with tracking.stage_run("tokenize_labeled", cfg.tracking, cfg.tokenize.model_dump(), inputs,
+                                {"labeled": tokens_dir / "labeled"}) as run_log:
+            metrics = run_labeled(cfg, clean_dir, tokenizer_dir, tokens_dir, metrics_path)
+            run_log.log_metrics(tracking.numeric_leaves(metrics))
+        return (f"tokenize_labeled: examples {metrics['examples']}, truncated {metrics['truncated']}, "
+                f"{metrics['seconds']} s -> {tokens_dir / 'labeled'}")
     metrics_path = root / cfg.paths.metrics / "tokenize.json"
-    outputs = {"tokenizer": tokenizer_dir, "tokens": tokens_dir}
-    with tracking.stage_run("tokenize", cfg.tracking, cfg.tokenize.model_dump(), {"clean": clean_dir},
-                            outputs) as run_log:
+    inputs = {"corpus": clean_dir / CORPUS_FILE}
+    if cfg.paths.given(cfg.tokenize.include_labeled_train):
+        inputs["labeled"] = clean_dir / LABELED_FILE
+    outputs = {"tokenizer": tokenizer_dir, **{split: tokens_dir / split for split in SPLITS},
+               "manifest": tokens_dir / MANIFEST}
+    with tracking.stage_run("tokenize", cfg.tracking, cfg.tokenize.model_dump(), inputs, outputs) as run_log:
         metrics = run(cfg, clean_dir, tokenizer_dir, tokens_dir, metrics_path)
         run_log.log_metrics(tracking.numeric_leaves(metrics))
         run_log.log_artifact(tokenizer_dir / "tokenizer.json", "tokenizer")
@@ -278,7 +316,7 @@ def execute(cfg: Config) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("tokenize", __doc__, execute, argv)
+    return stage_main("tokenize", __doc__, execute, argv, choices={"part": ("corpus", "labeled")})
 
 
 if __name__ == "__main__":

@@ -125,7 +125,8 @@ def run(cfg: Config, clean_dir: Path, out_dir: Path, metrics_dir: Path, method: 
     """Train, save and evaluate one method's vectors; returns the metrics written to
     `metrics/<method>.json`."""
     files = wordbench.benchmark_files(cfg.word_eval.benchmarks.model_dump(), project_root())
-    sentences = TrainSentences(word_tables(clean_dir, cfg.words.include_labeled_train), cfg.words.pattern)
+    tables = word_tables(clean_dir, cfg.paths.given(cfg.words.include_labeled_train))
+    sentences = TrainSentences(tables, cfg.words.pattern)
     model, timing = train(sentences, cfg, method)
     words, vectors = list(model.wv.index_to_key), np.ascontiguousarray(model.wv.vectors, dtype=np.float32)
     with atomic_dir(out_dir) as tmp:

@@ -1,0 +1,160 @@
+"""The DVC graph is exact: under each configuration, a change to a raw source or to a params section
+reaches exactly the stages that read it, directly or through what they read: first on DVC's own
+index, then as `dvc status` reports it on a project whose outputs are committed."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import project_root
+from pipeline.status import stale_stages
+
+REPO = project_root(Path(__file__).parent)
+EVERY = {"ingest", "clean", "clean_labeled", "tokenize", "tokenize_labeled", "cooccur", "glove", "skipgram",
+         "cbow", "cooccur_token", "glove_token", "pretrain", "finetune", "evaluate"}
+WORDS = {"cooccur", "glove", "skipgram", "cbow"}  # the word-vector stages
+LM = {"tokenize", "cooccur_token", "glove_token", "pretrain"}  # what the language model is built from
+CLASSIFIER = {"tokenize_labeled", "finetune", "evaluate"}
+TUNED = {"finetune", "evaluate"}  # what the language model reaches
+LABELED = "data/clean/labeled.parquet"
+NONE = "inputs/none"
+
+CONFIGS = {  # name: (params changed, the stages a raw labeled source reaches, those the glove params reach)
+    "default": ({}, {"clean_labeled", *WORDS, *CLASSIFIER}, {"glove", "glove_token", "pretrain", *TUNED}),
+    "random embedding": ({"pretrain": {"init_embeddings": NONE}}, {"clean_labeled", *WORDS, *CLASSIFIER},
+                         {"glove", "glove_token", "evaluate"}),
+    "labeled texts in the LM": ({"tokenize": {"include_labeled_train": LABELED}},
+                                EVERY - {"ingest", "clean"}, {"glove", "glove_token", "pretrain", *TUNED}),
+    "labeled texts not in the words": ({"words": {"include_labeled_train": NONE}},
+                                       {"clean_labeled", *CLASSIFIER},
+                                       {"glove", "glove_token", "pretrain", *TUNED}),
+}
+
+
+def reached(root: Path, path: str | None = None, section: str | None = None) -> set[str]:
+    """The stages DVC's index says read `path` or a key of params `section`, and all built from them."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with contextlib.chdir(root), Repo(str(root)) as repo:
+        graph = repo.index.graph  # an edge runs from a stage to a stage it depends on
+        direct = set()
+        for stage in graph.nodes:
+            for dep in stage.deps:
+                keys = getattr(dep, "params", None)
+                if keys is not None:
+                    hit = section is not None and any(k == section or k.startswith(f"{section}.")
+                                                     or section.startswith(f"{k}.") for k in keys)
+                else:
+                    own = Path(dep.def_path).as_posix()
+                    hit = path is not None and (own == path or path.startswith(f"{own}/")
+                                                or own.startswith(f"{path}/"))
+                if hit:
+                    direct.add(stage)
+        found = set(direct).union(*(nx.ancestors(graph, s) for s in direct))
+        return {s.name for s in found}
+
+
+@pytest.fixture(scope="module")
+def projects(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The repository's dvc.yaml and params.yaml, once per configuration, each its own DVC project."""
+    made = {}
+    for name, (changes, _, _) in CONFIGS.items():
+        root = tmp_path_factory.mktemp(name.replace(" ", "-"))
+        tracked = subprocess.run(["git", "ls-files", "pipeline"], cwd=REPO, capture_output=True, text=True,
+                                 check=True).stdout.split()
+        for path in ("dvc.yaml", "inputs/none/README.md", "models/init/README.md", "metrics/backbones.json",
+                     *tracked):
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(REPO / path, root / path)
+        params = yaml.safe_load((REPO / "params.yaml").read_text())
+        for section, values in changes.items():
+            params[section].update(values)
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "--quiet"], cwd=root, check=True)
+        made[name] = root
+    return made
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_raw_sources_reach_exactly_their_readers(projects: dict[str, Path], config: str) -> None:
+    root, (_, labeled_reach, _) = projects[config], CONFIGS[config]
+    assert reached(root, "data/raw/labeled/sentiment/sentiment.csv") == labeled_reach
+    # the corpus: its tokenizer encodes the labeled set too; labeled cleaning never reads it
+    assert reached(root, "data/raw/corpus/enwiki/dump.xml.bz2") == EVERY - {"ingest", "clean_labeled"}
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_params_sections_reach_exactly_their_readers(projects: dict[str, Path], config: str) -> None:
+    root, (_, _, glove_reach) = projects[config], CONFIGS[config]
+    assert reached(root, section="glove") == glove_reach
+    assert reached(root, section="word2vec") == {"skipgram", "cbow", "evaluate"}
+    # the counts feed only the GloVe fits (skip-gram and CBOW read the clean text themselves)
+    assert reached(root, section="cooccur") == glove_reach | {"cooccur", "cooccur_token"}
+    assert reached(root, section="finetune") == {"finetune", "evaluate"}
+    assert reached(root, section="evaluate") == {"evaluate"}
+    assert reached(root, section="pretrain") == {"pretrain", "finetune", "evaluate"}
+    # the labeled set's encoding reads two tokenize keys; the corpus side reads the whole section
+    before_tokens = {"ingest", "clean", "clean_labeled", *WORDS}
+    assert reached(root, section="tokenize.max_length") == EVERY - before_tokens
+    assert reached(root, section="tokenize.vocab_size") == LM | CLASSIFIER
+    assert reached(root, section="data") == EVERY  # which sources, and how each is cleaned
+
+
+# one key of each section (and the top-level seed) to change
+EDITS = {"data.clean.split.salt": "changed", "tokenize.vocab_size": 4000, "tokenize.max_length": 64,
+         "words.pattern": "[a-z]+", "cooccur.window": 5, "glove.seed": 2, "word2vec.epochs": 3,
+         "pretrain.seed": 2, "finetune.seed": 2, "evaluate.samples": 1, "seed": 7}
+
+
+def committed(root: Path) -> None:
+    """Stand-in outputs (a file, or a folder holding one) for every stage, recorded in dvc.lock."""
+    from dvc.repo import Repo
+
+    with contextlib.chdir(root), Repo(str(root)) as repo:
+        outs = [Path(out.def_path) for stage in repo.index.stages for out in stage.outs]
+    for out in outs:
+        path = root / out if out.suffix else root / out / "part"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(str(out))
+    for kind, name in (("corpus", "enwiki"), ("labeled", "sentiment")):
+        (root / "data/raw" / kind / name).mkdir(parents=True, exist_ok=True)
+        (root / "data/raw" / kind / name / "source").write_text(name)
+    subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet"], cwd=root, check=True)
+
+
+def rerun(root: Path) -> set[str]:
+    stale, _ = stale_stages(root)
+    return {status.name for status in stale if status.reasons}
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_dvc_status_agrees(projects: dict[str, Path], config: str) -> None:
+    root = projects[config]
+    committed(root)
+    assert rerun(root) == set()
+    for kind, name in (("corpus", "enwiki"), ("labeled", "sentiment")):
+        source = root / "data/raw" / kind / name / "source"
+        original = source.read_text()
+        source.write_text(original + " changed")
+        # ingest's output was modified in place: it reruns, and so does every reader of the source
+        assert rerun(root) == reached(root, f"data/raw/{kind}/{name}/source") | {"ingest"}
+        source.write_text(original)
+    text = (root / "params.yaml").read_text()
+    for key, value in EDITS.items():
+        params = yaml.safe_load(text)
+        *parents, leaf = key.split(".")
+        node = params
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        assert rerun(root) == reached(root, section=key), key
+    (root / "params.yaml").write_text(text)
