@@ -296,7 +296,7 @@ class Word2Vec(Section):
     epochs: int = Field(15, ge=1)
     learning_rate: float = Field(0.025, gt=0, description="start of the linear decay")
     min_learning_rate: float = Field(1e-4, gt=0, description="end of the linear decay")
-    workers: int = Field(0, ge=0, description="training threads; 0 = all cores; 1 = bit-exact reruns")
+    workers: int = Field(1, ge=0, description="training threads; 1 = bit-exact reruns; 0 = all cores")
     seed: int = 1337
 
 
