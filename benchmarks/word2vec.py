@@ -8,7 +8,7 @@ Both are timed around `train()` alone (the vocabulary pass excluded) and run alt
 times each; the ratio is of median words per second. Goal: ours >= 0.9x gensim's (the data path is
 not the bottleneck).
 
-    python benchmarks/word2vec.py [--method skipgram|cbow] [--repeats 2] [--epochs N]
+    python benchmarks/word2vec.py [--method skipgram|cbow] [--repeats 2] [--epochs N] [--workers N]
     # after the clean stage (`make run` or `.venv/bin/pipeline run clean`)
 """
 
@@ -49,8 +49,10 @@ def main() -> None:
     parser.add_argument("--method", choices=word2vec.METHODS, default="skipgram")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--epochs", type=int, help="override word2vec.epochs")
+    parser.add_argument("--workers", type=int, help="override word2vec.workers (0: all cores)")
     args = parser.parse_args()
-    overrides = {"tracking.enabled": False, **({"word2vec.epochs": args.epochs} if args.epochs else {})}
+    overrides = {"tracking.enabled": False, **({"word2vec.epochs": args.epochs} if args.epochs else {}),
+                 **({"word2vec.workers": args.workers} if args.workers is not None else {})}
     cfg = load_config(overrides=overrides)
     tables = word_tables(ROOT / cfg.paths.clean, cfg.paths.given(cfg.words.include_labeled_train))
     streamed = word2vec.TrainSentences(tables, cfg.words.pattern)
