@@ -8,7 +8,8 @@ reference figures were measured on that text; it keeps table cells, our cleaning
 The labeled set's train texts follow the pages, as the stage counts them, unless `--no-labeled` (or
 `words.include_labeled_train: inputs/none`).
 - Peer, when `--glove-c DIR` names a built Stanford GloVe checkout (`make` in it; never committed):
-  `vocab_count` + `cooccur` timed against our cooccur stage (which also builds the vocabulary), then
+  `vocab_count` + `cooccur` timed against our cooccur stage (which also builds the vocabulary), both
+  with `cooccur.memory_mb` of counting memory (`--memory-mb`), then
   `shuffle` + `glove` (same dim, iterations, x_max, window, min count, threads = cores) against our glove
   stage, seconds per iteration from wall time over iterations.
 - Otherwise gensim's Word2Vec (skip-gram, same window, dim, min count, epochs, workers = cores).
@@ -16,7 +17,7 @@ Quality: WordSim353 and SimLex-999 Spearman and analogy accuracy (3CosAdd), with
 by `pipeline.wordbench` for both sides.
 
     python benchmarks/glove.py [--glove-c /path/to/GloVe] [--seeds 1] [--text gensim] [--splits all]
-                               [--no-labeled]
+                               [--no-labeled] [--memory-mb MB]
     # after `make run`
 """
 
@@ -110,7 +111,8 @@ def glove_c(cfg: Config, clean_dir: Path, work: Path, binaries: Path, seed: int)
     vocab_seconds = timed([str(build / "vocab_count"), "-min-count", str(co.min_count), "-verbose", "0"],
                           corpus, work / "vocab.txt")
     cooccur_seconds = timed([str(build / "cooccur"), "-vocab-file", str(work / "vocab.txt"), "-verbose", "0",
-                             "-window-size", str(co.window), "-memory", "4"], corpus, work / "cooccur.bin")
+                             "-window-size", str(co.window), "-memory", str(co.memory_mb / 1024)], corpus,
+                            work / "cooccur.bin")
     timed([str(build / "shuffle"), "-verbose", "0", "-memory", "4", "-seed", str(seed)],
           work / "cooccur.bin", work / "shuffled.bin")
     started = time.perf_counter()
@@ -159,9 +161,12 @@ def main() -> None:
                         help="our cleaned pages, or gensim WikiCorpus's tokens of the same dump")
     parser.add_argument("--splits", choices=["train", "all"], default="train", help="pages counted")
     parser.add_argument("--no-labeled", action="store_true", help="leave out the labeled train texts")
+    parser.add_argument("--memory-mb", type=float, help="counting memory of both sides (cooccur.memory_mb; "
+                        "C's cooccur -memory in GB)")
     args = parser.parse_args()
     # the composed corpus.parquet holds every text counted, the labeled ones included
-    overrides = {"tracking.enabled": False, "words.include_labeled_train": "inputs/none"}
+    overrides = {"tracking.enabled": False, "words.include_labeled_train": "inputs/none",
+                 **({"cooccur.memory_mb": args.memory_mb} if args.memory_mb else {})}
     cfg = load_config(overrides=overrides)
     default = load_config()
     labeled = default.paths.given(default.words.include_labeled_train) and not args.no_labeled
