@@ -390,6 +390,12 @@ class Paths(Section):
         """Whether an optional input is on (not `no_input`)."""
         return Path(value) != Path(self.no_input)
 
+    def optional_inputs(self) -> dict[str, str]:
+        """Each optional input's dotted key and the one output it may name (else `no_input`)."""
+        labeled = f"{self.clean}/labeled.parquet"
+        return {"tokenize.include_labeled_train": labeled, "words.include_labeled_train": labeled,
+                "pretrain.init_embeddings": self.glove_token}
+
 
 class Tracking(Section):
     enabled: bool = True
@@ -420,10 +426,8 @@ class Config(Section):
     @model_validator(mode="after")
     def _optional_inputs_are_known(self) -> Config:
         """Each optional input names the output it reads, or nothing: what DVC tracks is what is read."""
-        labeled, none = f"{self.paths.clean}/labeled.parquet", self.paths.no_input
-        for key, path in (("tokenize.include_labeled_train", labeled),
-                          ("words.include_labeled_train", labeled),
-                          ("pretrain.init_embeddings", self.paths.glove_token)):
+        none = self.paths.no_input
+        for key, path in self.paths.optional_inputs().items():
             section, name = key.split(".")
             value = getattr(getattr(self, section), name)
             if Path(value) not in (Path(path), Path(none)):

@@ -33,10 +33,8 @@ NO_INPUT = "inputs/none"  # paths.no_input's default: an optional input that is 
 def follow_paths(params: dict[str, Any]) -> dict[str, Any]:
     """`params` with each optional input that is on pointing at the output it names under the
     (moved) `paths`, as the config requires."""
-    paths = {**Paths().model_dump(), **params.get("paths", {})}
-    for section, key, path in (("tokenize", "include_labeled_train", f"{paths['clean']}/labeled.parquet"),
-                               ("words", "include_labeled_train", f"{paths['clean']}/labeled.parquet"),
-                               ("pretrain", "init_embeddings", paths["glove_token"])):
+    for dotted, path in Paths(**params.get("paths", {})).optional_inputs().items():
+        section, key = dotted.split(".")
         if params.setdefault(section, {}).get(key, "") not in ("", NO_INPUT):
             params[section][key] = path
     return params
