@@ -1,13 +1,15 @@
 """Pretraining throughput side by side with nanoGPT's unmodified train.py, on the same tokens.
 
 Both loops train the same GPT (no biases, exact GELU, tied head, learned positions, SDPA causal),
-fp32 on the CPU, the same batch and context, AdamW and clipping at 1.0. nanoGPT reads our train
-split written as its `train.bin`; its per-iteration times are parsed from its log (iteration 0,
-which includes its evaluation, is dropped), ours come from the stage's per-step log. The two never
-run at the same time: they alternate, and medians are compared. MFU for both uses the same FLOP
-formula (6N + 12·L·d·T per token) against the same measured fp32 matmul peak.
+the same batch and context, AdamW and clipping at 1.0: fp32 on the CPU; on a GPU (used whenever one
+is visible) bf16 autocast, TF32 and fused AdamW for both, and `--compile` compiles both models.
+nanoGPT reads our train split written as its `train.bin`; its per-iteration times are parsed from
+its log (iteration 0, which includes its evaluation, is dropped), ours come from the stage's
+per-step log. The two never run at the same time: they alternate, and medians are compared. MFU for
+both uses the same FLOP formula (6N + 12·L·d·T per token) against the same peak: a measured fp32
+matmul on the CPU, the datasheet's dense bf16 figure on a GPU.
 
-    python benchmarks/pretrain.py --nanogpt /path/to/nanoGPT [--iters 12] [--rounds 2]
+    python benchmarks/pretrain.py --nanogpt /path/to/nanoGPT [--iters 12] [--rounds 2] [--compile]
 
 `--quality SECONDS`: time to quality instead. Each loop's step time is measured first (a short run
 of each), then each trains for as many steps as fit in SECONDS with the same hyperparameters (its
@@ -36,6 +38,7 @@ import tempfile  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.models import GPT, GPTConfig  # noqa: E402
@@ -43,6 +46,12 @@ from pipeline.shards import TokenShards, read_manifest  # noqa: E402
 from pipeline.stages import pretrain  # noqa: E402
 
 ITER_LINE = re.compile(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # what our stage picks too
+
+
+def nanogpt_device_args(compiled: bool) -> list[str]:
+    dtype = "bfloat16" if DEVICE == "cuda" else "float32"
+    return [f"--device={DEVICE}", f"--dtype={dtype}", f"--compile={compiled}"]
 
 
 class StepTimes:
@@ -56,9 +65,10 @@ class StepTimes:
             self.tokens_per_s.append(metrics["tokens_per_s"])
 
 
-def ours(size: dict[str, int], iters: int, work: Path) -> list[float]:
+def ours(size: dict[str, int], iters: int, work: Path, compiled: bool) -> list[float]:
     cfg = load_config(overrides={
-        "tracking.enabled": False, "pretrain.max_steps": iters, "pretrain.eval_every": iters,
+        "tracking.enabled": False, "pretrain.compile": compiled, "pretrain.objective": "clm",
+        "pretrain.init_embeddings": "inputs/none", "pretrain.max_steps": iters, "pretrain.eval_every": iters,
         "pretrain.checkpoint_every": iters, "pretrain.eval_windows": 1, "pretrain.resume": "never",
         "pretrain.batch_size": size["batch"], "pretrain.warmup_steps": 1,
         "pretrain.model": {"arch": "gpt", "context": size["context"], "n_layer": size["n_layer"],
@@ -71,8 +81,8 @@ def ours(size: dict[str, int], iters: int, work: Path) -> list[float]:
     return [size["batch"] * size["context"] / t for t in times.tokens_per_s][1:]  # seconds per step
 
 
-def nanogpt(source: Path, size: dict[str, int], iters: int, work: Path) -> list[float]:
-    args = ["--dataset=bench", "--device=cpu", "--dtype=float32", "--compile=False", "--bias=False",
+def nanogpt(source: Path, size: dict[str, int], iters: int, work: Path, compiled: bool) -> list[float]:
+    args = ["--dataset=bench", *nanogpt_device_args(compiled), "--bias=False",
             f"--n_layer={size['n_layer']}", f"--n_head={size['n_head']}", f"--n_embd={size['n_embd']}",
             f"--block_size={size['context']}", f"--batch_size={size['batch']}",
             "--gradient_accumulation_steps=1", f"--max_iters={iters}", "--eval_interval=100000",
@@ -89,10 +99,11 @@ QUALITY = {"learning_rate": 3e-3, "min_learning_rate": 3e-4, "warmup_steps": 50,
            "beta1": 0.9, "beta2": 0.99, "grad_clip": 1.0}
 
 
-def ours_for_steps(size: dict[str, int], steps: int, work: Path) -> dict[str, Any]:
+def ours_for_steps(size: dict[str, int], steps: int, work: Path, compiled: bool) -> dict[str, Any]:
     """Our stage trained for `steps`: its metrics (val bits per byte over the whole split) and seconds."""
     cfg = load_config(overrides={
-        "tracking.enabled": False, "pretrain.max_steps": steps, "pretrain.eval_every": steps,
+        "tracking.enabled": False, "pretrain.compile": compiled, "pretrain.max_steps": steps,
+        "pretrain.eval_every": steps,
         "pretrain.checkpoint_every": steps, "pretrain.eval_windows": 1, "pretrain.resume": "never",
         "pretrain.batch_size": size["batch"], "pretrain.objective": "clm",
         "pretrain.init_embeddings": "inputs/none",
@@ -108,11 +119,12 @@ def ours_for_steps(size: dict[str, int], steps: int, work: Path) -> dict[str, An
     return {"steps": steps, "seconds": round(seconds, 1), "val_bits_per_byte": metrics["val_bits_per_byte"]}
 
 
-def nanogpt_for_steps(source: Path, size: dict[str, int], steps: int, work: Path) -> dict[str, Any]:
+def nanogpt_for_steps(source: Path, size: dict[str, int], steps: int, work: Path,
+                      compiled: bool) -> dict[str, Any]:
     """nanoGPT's train.py for `steps` with the same hyperparameters; its checkpoint scored by its own
     model code on our validation windows."""
     q = QUALITY
-    args = ["--dataset=bench", "--device=cpu", "--dtype=float32", "--compile=False", "--bias=False",
+    args = ["--dataset=bench", *nanogpt_device_args(compiled), "--bias=False",
             f"--n_layer={size['n_layer']}", f"--n_head={size['n_head']}", f"--n_embd={size['n_embd']}",
             f"--block_size={size['context']}", f"--batch_size={size['batch']}",
             "--gradient_accumulation_steps=1", f"--max_iters={steps}", f"--lr_decay_iters={steps}",
@@ -132,34 +144,33 @@ def nanogpt_for_steps(source: Path, size: dict[str, int], steps: int, work: Path
 def nanogpt_val_bits_per_byte(source: Path, checkpoint: Path, size: dict[str, int]) -> float:
     import importlib.util
 
-    import torch
-
     spec = importlib.util.spec_from_file_location("nanogpt_model", source / "model.py")
     module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(module)  # type: ignore[union-attr]
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    saved = torch.load(checkpoint, map_location=DEVICE, weights_only=True)
     model = module.GPT(module.GPTConfig(**saved["model_args"]))
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in saved["model"].items()})
-    model.eval()
+    model.to(DEVICE).eval()
     tokens = ROOT / load_config().paths.tokens
     val = TokenShards(tokens, "val")
     total, count = 0.0, 0
     with torch.no_grad():
         for windows in val.sequential_windows(size["context"], size["batch"]):
-            batch = torch.from_numpy(windows)
-            _, loss = model(batch[:, :-1].contiguous(), batch[:, 1:].contiguous())  # it calls .view
+            batch = torch.from_numpy(windows).to(DEVICE)
+            with torch.autocast("cuda", torch.bfloat16, enabled=DEVICE == "cuda"):  # as our stage scores
+                _, loss = model(batch[:, :-1].contiguous(), batch[:, 1:].contiguous())  # it calls .view
             total, count = total + loss.item() * batch[:, 1:].numel(), count + batch[:, 1:].numel()
     totals = read_manifest(tokens)["totals"]["val"]
     return round(total / count / np.log(2) * totals["tokens"] / totals["text_bytes"], 4)
 
 
-def quality(source: Path, size: dict[str, int], seconds: float, work: Path) -> dict[str, Any]:
+def quality(source: Path, size: dict[str, int], seconds: float, work: Path, compiled: bool) -> dict[str, Any]:
     """Equal wall-clock: calibrate each loop's step time, then train each for `seconds`."""
-    step_time = {"ours": statistics.median(ours(size, 12, work / "cal_ours")),
-                 "nanogpt": statistics.median(nanogpt(source, size, 12, work / "cal_nano"))}
+    step_time = {"ours": statistics.median(ours(size, 12, work / "cal_ours", compiled)),
+                 "nanogpt": statistics.median(nanogpt(source, size, 12, work / "cal_nano", compiled))}
     steps = {name: max(QUALITY["warmup_steps"] + 1, int(seconds / t)) for name, t in step_time.items()}
-    result = {"ours": ours_for_steps(size, steps["ours"], work / "q_ours"),
-              "nanogpt": nanogpt_for_steps(source, size, steps["nanogpt"], work / "q_nano")}
+    result = {"ours": ours_for_steps(size, steps["ours"], work / "q_ours", compiled),
+              "nanogpt": nanogpt_for_steps(source, size, steps["nanogpt"], work / "q_nano", compiled)}
     for name, row in result.items():
         print(f"{name:8} {row['steps']:6d} steps in {row['seconds']:7.1f} s -> "
               f"val {row['val_bits_per_byte']} bits/byte")
@@ -191,6 +202,7 @@ def main() -> None:
     parser.add_argument("--n-embd", type=int, default=256)
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument("--quality", type=float, metavar="SECONDS",
                         help="time to quality: train each for SECONDS of wall-clock, compare val bits/byte")
     args = parser.parse_args()
@@ -200,19 +212,20 @@ def main() -> None:
     model = GPT(GPTConfig(vocab_size=vocab, context=size["context"], n_layer=size["n_layer"],
                           n_head=size["n_head"], n_embd=size["n_embd"]))
     flops_per_step = model.flops_per_token() * size["batch"] * size["context"]
-    peak = pretrain.peak_flops(pretrain.torch.device("cpu"))
+    peak = pretrain.peak_flops(torch.device(DEVICE))
     times: dict[str, list[float]] = {"ours": [], "nanogpt": []}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         source = prepare_nanogpt(args.nanogpt, work, vocab)
         if args.quality:
-            print(json.dumps({"size": size, "vocab": vocab, **quality(source, size, args.quality, work)}))
+            print(json.dumps({"size": size, "vocab": vocab, "device": DEVICE, "compiled": args.compile,
+                              **quality(source, size, args.quality, work, args.compile)}))
             return
         for r in range(args.rounds):
-            times["ours"] += ours(size, args.iters, work / f"ours{r}")
-            times["nanogpt"] += nanogpt(source, size, args.iters, work / f"nano{r}")
+            times["ours"] += ours(size, args.iters, work / f"ours{r}", args.compile)
+            times["nanogpt"] += nanogpt(source, size, args.iters, work / f"nano{r}", args.compile)
     result: dict[str, Any] = {"size": size, "vocab": vocab, "flops_per_token": model.flops_per_token(),
-                              "cpu_peak_gflops": round(peak / 1e9, 1)}
+                              "device": DEVICE, "compiled": args.compile, "peak_gflops": round(peak / 1e9, 1)}
     for name, series in times.items():
         median = statistics.median(series)
         result[name] = {"ms_per_iter": round(median * 1000, 1),

@@ -9,11 +9,14 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import NO_INPUT
 
+from pipeline import cooccurrence
 from pipeline.config import ConfigError, parse_config
+from pipeline.cooccurrence import PairTable
 from pipeline.files import InputError
 from pipeline.shards import TokenShards, read_manifest
 from pipeline.stages import cooccur
@@ -88,9 +91,26 @@ def test_token_counts_equal_a_brute_force_count_exactly(small_project, tmp_path)
     assert all(float(expected[(remap[r], remap[c])]) == v for (r, c), v in got.items())
 
 
-def test_memory_budget_does_not_change_the_output(tiny_project, tmp_path):
+@pytest.mark.parametrize(("vocab_size", "max_entries"), [(50, 200), (1000, 12_345), (30, 10_000)])
+def test_the_pair_table_holds_exactly_the_pairs_whose_rank_product_fits(vocab_size, max_entries):
+    table = PairTable(vocab_size, max_entries)
+    assert len(table.sums) <= max_entries and table.max_product <= vocab_size**2
+    assert (len(table.sums) == vocab_size**2) == (max_entries >= vocab_size**2)  # the largest that fits
+    a, b = np.meshgrid(np.arange(vocab_size), np.arange(vocab_size), indexing="ij")
+    inside = (a + 1) * (b + 1) <= table.max_product
+    assert (inside == inside.T).all()  # a pair's two directions go the same way
+    where = table.offsets[a[inside]] + b[inside]
+    assert sorted(where.tolist()) == list(range(len(table.sums)))  # one entry each, none shared
+    table.add([(3, where), (5, where[:7])])
+    keys, sums = table.run()
+    assert (keys == a[inside] * vocab_size + b[inside]).all()  # in key order
+    assert sums.tolist() == [8] * 7 + [3] * (len(where) - 7)
+
+
+def test_memory_budget_does_not_change_the_output(tiny_project, tmp_path, monkeypatch):
     root, params = tiny_project
     small = run_cooccur(root, params, tmp_path / "small", memory_mb=0.5)
+    monkeypatch.setattr(cooccurrence, "MAX_BUFFER_PAIRS", 1 << 40)  # one buffer holds every pair
     large = run_cooccur(root, params, tmp_path / "large", memory_mb=1024)
     assert small["chunks"] > 1 and large["chunks"] == 1
     for name in (COOCCUR_FILE, VOCAB_FILE):

@@ -11,10 +11,11 @@ the labeled set's train texts, each text a document), or `token`, the BPE ids of
 which hold the labeled train texts when `tokenize.include_labeled_train` (the row of a token is then
 its id's vocabulary rank; `vocab.parquet` maps it back to the id).
 
-Exact and memory-bounded: the weight 1/d is summed as the integer lcm(1..window)/d, so sums do not
-depend on order and every value equals the exact rational rounded once. Pairs accumulate in a buffer
-of `memory_mb`; a full buffer is sorted, reduced and spilled to disk; spilled chunks are merged a
-block of rows at a time.
+Exact and memory-bounded (`pipeline.cooccurrence`): the weight 1/d is summed as the integer
+lcm(1..window)/d, so sums do not depend on order and every value equals the exact rational rounded
+once. Within `memory_mb`, pairs of frequent units are summed in place in a table (as GloVe C's), the
+others in buffers that are sorted, reduced and spilled to disk when full; the table and the spills
+are merged a block of rows at a time.
 
 Outputs in `paths.cooccur/` (tokens: `paths.cooccur_token/`): `cooccur.parquet` (`row` int32,
 `col` int32, `value` float64, sorted by row then col), `vocab.parquet` (`unit`, `count`, and
@@ -26,25 +27,20 @@ from __future__ import annotations
 import array
 import contextlib
 import functools
-import math
-import os
+import itertools
 import sys
 import tempfile
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.config import Config, Cooccur, project_root
+from pipeline.cooccurrence import Batch, count_cooccurrences, document_batches
 from pipeline.files import InputError, atomic_dir, write_json
-from pipeline.progress import Progress
 from pipeline.shards import TokenShards, read_manifest
 from pipeline.stagecli import stage_main
 from pipeline.vectors import (
@@ -56,8 +52,6 @@ from pipeline.vectors import (
     write_vocabulary,
 )
 
-BYTES_PER_PAIR = 8 * 3  # an int64 code, its sorted copy, and the keys and weights unpacked from it
-DISTANCE_BITS = 5  # window <= 24 < 2**5
 IDS_PER_READ = 1 << 22  # word ids per read when counting (16 MiB)
 
 Unit = Literal["word", "token"]
@@ -141,16 +135,22 @@ def check_vocabulary(vocab: Vocabulary, cfg: Cooccur, unit: Unit) -> None:
         raise InputError(f"no {unit} occurs at least cooccur.min_count={cfg.min_count} times in train")
 
 
-def word_rows(word_ids: WordIds, vocab: Vocabulary) -> Iterator[np.ndarray]:
-    """Each train document as vocabulary rows, units outside the vocabulary dropped."""
+def word_batches(word_ids: WordIds, vocab: Vocabulary, max_units: int) -> Iterator[Batch]:
+    """Whole train documents as vocabulary rows (units outside the vocabulary dropped), about
+    `max_units` rows a batch, with each row's document index; cut without a loop over documents."""
     assert vocab.provisional is not None
     row_of = np.full(len(word_ids.words), -1, dtype=np.int64)
     row_of[vocab.provisional] = np.arange(len(vocab))
     for ids, starts in word_ids.document_blocks():
         rows = row_of[ids]
-        in_vocab = rows >= 0
-        kept_before = np.concatenate([[0], np.cumsum(in_vocab)])  # in-vocabulary units before each id
-        yield from np.split(rows[in_vocab], kept_before[starts[1:]])
+        document = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(ids))))
+        kept = rows >= 0
+        rows, document = rows[kept], document[kept]
+        ends = np.flatnonzero(np.append(document[1:] != document[:-1], True)) + 1  # of each document
+        cuts = np.unique(ends[np.searchsorted(ends, np.arange(max_units, ends[-1] if len(ends) else 0,
+                                                              max_units))])
+        for first, last in itertools.pairwise([0, *cuts.tolist(), len(rows)]):
+            yield rows[first:last], document[first:last]
 
 
 def token_rows(shards: TokenShards, vocab: Vocabulary, id_count: int) -> Iterator[np.ndarray]:
@@ -160,207 +160,6 @@ def token_rows(shards: TokenShards, vocab: Vocabulary, id_count: int) -> Iterato
     for document in shards.documents():
         rows = row_of[document]
         yield rows[rows >= 0]
-
-
-# ---------------------------------------------------------------- counting
-
-
-def weight_scale(window: int) -> int:
-    """lcm(1..window): 1/d is scale // d units, exactly."""
-    return math.lcm(*range(1, window + 1))
-
-
-def code_dtype(vocab_size: int) -> type[np.unsignedinteger]:
-    """uint32 when every packed code fits (V up to 11,585), which sorts 1.5x faster than uint64."""
-    return np.uint32 if (vocab_size * vocab_size) << DISTANCE_BITS <= 2**32 else np.uint64
-
-
-def window_pairs(rows: np.ndarray, document: np.ndarray, vocab_size: int, window: int) -> np.ndarray:
-    """Every pair within `window` in the same document, both directions, packed as
-    (row * V + col) << DISTANCE_BITS | d; `rows` is several documents concatenated, `document` their
-    document index. Packing lets a plain sort (3x faster than an argsort) carry the distance along."""
-    dtype = code_dtype(vocab_size)
-    rows = rows.astype(dtype)
-    codes = []
-    for d in range(1, min(window, len(rows) - 1) + 1):
-        same = document[:-d] == document[d:]
-        left, right = rows[:-d][same], rows[d:][same]
-        codes += [(left * vocab_size + right) << DISTANCE_BITS | d,
-                  (right * vocab_size + left) << DISTANCE_BITS | d]
-    return np.concatenate(codes) if codes else np.empty(0, dtype)
-
-
-def reduce_codes(codes: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted unique keys and their integer weight sums (scale // d per occurrence)."""
-    codes = np.sort(codes)
-    weight_of_distance = np.array([0] + [scale // d for d in range(1, 1 << DISTANCE_BITS)], dtype=np.int64)
-    return sum_by_key(codes >> DISTANCE_BITS, weight_of_distance[codes & ((1 << DISTANCE_BITS) - 1)])
-
-
-def sum_by_key(keys: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Unique keys of sorted `keys` and the sum of each key's weights."""
-    starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
-    return keys[starts], np.add.reduceat(weights, starts) if len(keys) else weights
-
-
-def reduce_pairs(keys: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Merge reduced chunks: `keys` is a concatenation of sorted runs, which a stable sort merges fast."""
-    order = np.argsort(keys, kind="stable")
-    return sum_by_key(keys[order], weights[order])
-
-
-def document_batches(
-    documents: Iterable[np.ndarray], max_units: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Documents concatenated into batches of about `max_units` units, with each unit's document index."""
-    rows: list[np.ndarray] = []
-    size = 0
-    for document in documents:
-        rows.append(document)
-        size += len(document)
-        if size >= max_units:
-            yield _joined(rows)
-            rows, size = [], 0
-    if rows:
-        yield _joined(rows)
-
-
-def _joined(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    document = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
-    return np.concatenate(rows), document
-
-
-def reduced_batch(batch: tuple[np.ndarray, np.ndarray], vocab_size: int, window: int,
-                  scale: int) -> tuple[np.ndarray, np.ndarray]:
-    rows, document = batch
-    return reduce_codes(window_pairs(rows, document, vocab_size, window), scale)
-
-
-class PairCounter:
-    """Counts document batches in `workers` threads (NumPy's sort releases the GIL), each batch
-    reduced to sorted (key, integer sum) runs; runs are merged and spilled as .npy when they fill
-    their share of the memory. Memory: `workers` batches of pairs in flight plus one buffer of runs."""
-
-    def __init__(
-        self, vocab_size: int, window: int, memory_bytes: int, workers: int, spill_dir: Path
-    ) -> None:
-        self.vocab_size, self.window, self.scale = vocab_size, window, weight_scale(window)
-        self.workers = workers
-        self.max_pairs = max(int(memory_bytes) // BYTES_PER_PAIR // (workers + 1), 2 * window)
-        self.spill_dir = spill_dir
-        self.runs: list[tuple[np.ndarray, np.ndarray]] = []
-        self.buffered = 0
-        self.spills: list[tuple[Path, Path]] = []
-        self.units = 0
-
-    @property
-    def units_per_batch(self) -> int:
-        return max(self.max_pairs // (2 * self.window), 1)
-
-    def count(self, batches: Iterable[tuple[np.ndarray, np.ndarray]], progress: Progress) -> None:
-        reduce = functools.partial(reduced_batch, vocab_size=self.vocab_size, window=self.window,
-                                   scale=self.scale)
-        with ThreadPoolExecutor(self.workers) as pool:
-            in_flight: deque[Future[tuple[np.ndarray, np.ndarray]]] = deque()
-            for batch in batches:
-                self.units += len(batch[0])
-                in_flight.append(pool.submit(reduce, batch))
-                progress.update(len(batch[0]))
-                if len(in_flight) >= self.workers:
-                    self.add_run(*in_flight.popleft().result())
-            for future in in_flight:
-                self.add_run(*future.result())
-
-    def add_run(self, keys: np.ndarray, sums: np.ndarray) -> None:
-        self.runs.append((keys, sums))
-        self.buffered += len(keys)
-        if self.buffered >= self.max_pairs:
-            self.spill()
-
-    def spill(self) -> None:
-        if not self.buffered:
-            return
-        keys, sums = (np.concatenate(parts) for parts in zip(*self.runs, strict=True))
-        keys, sums = reduce_pairs(keys, sums)
-        self.runs, self.buffered = [], 0
-        index = len(self.spills)
-        paths = (self.spill_dir / f"keys-{index:05d}.npy", self.spill_dir / f"sums-{index:05d}.npy")
-        np.save(paths[0], keys)
-        np.save(paths[1], sums)
-        self.spills.append(paths)
-
-    def merged_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """The reduced (keys, integer sums) in key order, a block of rows at a time. Spills are read
-        a range at a time, never kept mapped, and only block boundaries are kept per spill, so memory
-        stays at about one block whatever the number of spills."""
-        self.spill()
-        row_starts = np.arange(self.vocab_size + 1, dtype=np.int64) * self.vocab_size
-        per_row = np.zeros(self.vocab_size, dtype=np.int64)
-        for keys_path, _ in self.spills:
-            per_row += np.diff(np.searchsorted(np.load(keys_path, mmap_mode="r"), row_starts))
-        cuts = block_starts(per_row, self.max_pairs)
-        bounds = [np.searchsorted(np.load(k, mmap_mode="r"), row_starts[cuts]) for k, _ in self.spills]
-        layouts = [(npy_layout(k), npy_layout(s)) for k, s in self.spills]
-        for block in range(len(cuts) - 1):
-            parts = [(read_range(k, kl, b[block], b[block + 1]), read_range(s, sl, b[block], b[block + 1]))
-                     for (k, s), (kl, sl), b in zip(self.spills, layouts, bounds, strict=True)]
-            keys, sums = (np.concatenate(p) for p in zip(*parts, strict=True))
-            yield (keys, sums) if len(parts) == 1 else reduce_pairs(keys, sums)
-
-
-def block_starts(per_row: np.ndarray, max_entries: int) -> np.ndarray:
-    """Row cuts [0, ..., rows] so each block of rows holds at most `max_entries` entries (at least one
-    row)."""
-    cuts, first = [0], 0
-    while first < len(per_row):
-        last, total = first + 1, per_row[first]
-        while last < len(per_row) and total + per_row[last] <= max_entries:
-            total += per_row[last]
-            last += 1
-        cuts.append(last)
-        first = last
-    return np.array(cuts, dtype=np.int64)
-
-
-def npy_layout(path: Path) -> tuple[int, np.dtype]:
-    """Where a 1-D .npy file's data starts, and its dtype."""
-    with open(path, "rb") as f:
-        major, _ = np.lib.format.read_magic(f)
-        header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        _, _, dtype = header(f)
-        return f.tell(), dtype
-
-
-def read_range(path: Path, layout: tuple[int, np.dtype], start: int, stop: int) -> np.ndarray:
-    """Elements [start, stop) of a 1-D .npy file, read rather than mapped."""
-    offset, dtype = layout
-    with open(path, "rb") as f:
-        f.seek(offset + int(start) * dtype.itemsize)
-        return np.fromfile(f, dtype=dtype, count=int(stop - start))
-
-
-def count_cooccurrences(
-    documents: Iterable[np.ndarray], vocab_size: int, cfg: Cooccur, out_path: Path, spill_dir: Path
-) -> dict[str, Any]:
-    """Count over `documents` (vocabulary rows), write the triples to `out_path`; returns counts."""
-    workers = cfg.workers or os.cpu_count() or 1
-    counter = PairCounter(vocab_size, cfg.window, int(cfg.memory_mb * 2**20), workers, spill_dir)
-    progress = Progress("cooccur", None, "unit")
-    counter.count(document_batches(documents, counter.units_per_batch), progress)
-    progress.close()
-    schema = pa.schema([("row", pa.int32()), ("col", pa.int32()), ("value", pa.float64())])
-    nnz, total = 0, 0
-    with pq.ParquetWriter(out_path, schema) as writer:
-        for keys, sums in counter.merged_blocks():
-            if not len(keys):
-                continue
-            writer.write_table(pa.table({
-                "row": (keys // vocab_size).astype(np.int32), "col": (keys % vocab_size).astype(np.int32),
-                "value": sums / counter.scale,  # int64 / int: the exact rational, rounded once
-            }, schema=schema))
-            nnz += len(keys)
-            total += int(sums.sum())
-    return {"nnz": nnz, "sum": total / counter.scale, "units": counter.units, "chunks": len(counter.spills)}
 
 
 # ---------------------------------------------------------------- the stage
@@ -393,7 +192,7 @@ def run(
             tempfile.TemporaryDirectory(dir=out_dir.parent))) / "word_ids.int32")
         vocab = word_vocabulary(word_ids, co, tables, cfg.words.pattern)
         check_vocabulary(vocab, co, unit)
-        documents: Iterable[np.ndarray] = word_rows(word_ids, vocab)
+        batches: Callable[[int], Iterable[Batch]] = functools.partial(word_batches, word_ids, vocab)
     else:
         manifest = read_manifest(tokens_dir)
         shards = TokenShards(tokens_dir, "train")
@@ -402,9 +201,10 @@ def run(
         vocab = token_vocabulary(shards, names, specials, co)
         check_vocabulary(vocab, co, unit)
         documents = token_rows(shards, vocab, manifest["vocab_size"])
+        batches = functools.partial(document_batches, documents)
     with stack, atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent) as spill:
         write_vocabulary(vocab, tmp / VOCAB_FILE)
-        counts = count_cooccurrences(documents, len(vocab), co, tmp / COOCCUR_FILE, Path(spill))
+        counts = count_cooccurrences(batches, len(vocab), co, tmp / COOCCUR_FILE, Path(spill))
     if not counts["nnz"]:
         raise InputError("no two in-vocabulary units share a document in train: the matrix is empty")
     metrics = {

@@ -75,7 +75,8 @@ def lr_at(step: int, cfg: Pretrain) -> float:
 def optimizer_for(model: nn.Module, cfg: Pretrain) -> torch.optim.AdamW:
     """Decay matrices only; embeddings (and the head tied to them), biases and norms are exempt."""
     groups = decay_groups(model.named_parameters(), cfg.weight_decay, ("wte.", "wpe."))
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+    fused = next(model.parameters()).is_cuda  # one kernel for every parameter on a GPU
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
 def model_config(cfg: Pretrain, vocab_size: int) -> dict[str, Any]:
@@ -246,7 +247,10 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
     progress = restore(checkpoints, run_fingerprint, model, optimizer, fresh_progress(), "pretrain", load) \
         if resuming else fresh_progress()
     trained: nn.Module = DistributedDataParallel(model) if world > 1 and not fsdp else model
-    if p.compile:
+    step_loss = batch_loss
+    if p.compile and world == 1:  # the model and its loss in one graph: no fp32 logits written out
+        step_loss = torch.compile(batch_loss)
+    elif p.compile:  # a wrapped model compiles as a module (DDP splits the graph at its buckets)
         trained = torch.compile(trained)  # type: ignore[assignment]
     val_windows = next(val.sequential_windows(p.model.context, p.eval_windows))  # fixed for the run
     stream = train.random_windows(p.model.context, p.batch_size,
@@ -278,7 +282,7 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
                                                   manifest["vocab_size"], p.mask_rate, generator)
                     loss = masked_loss(trained, inputs.to(device), targets.to(device), device)[0]
                 else:
-                    loss = batch_loss(trained, batch, device)
+                    loss = step_loss(trained, batch, device)
                 loss = loss / p.grad_accum
                 loss.backward()
             loss_sum += loss.item()
