@@ -6,9 +6,12 @@ figures are the stages' and not bzip2's); dedup is switched off so that the copi
 (the copies would otherwise be dropped as duplicates). The labeled set is every 50th sentiment row,
 the same at every scale. Each stage runs alone in a child process; its seconds, MB of dump XML per
 second, and peak RSS (the largest of the stage's process and its worker processes) are recorded.
-Goals (issue #22): peak RSS at 100x within 1.5x of 1x per stage; throughput at 100x >= 0.8x of 10x.
+Goals (issue #22): peak RSS at 100x within 1.5x of 1x per stage; throughput at 100x >= 0.8x of 10x;
+clean on a Dask cluster of 2 local workers (`--executors local dask`, its start included) >= 0.8x
+the local executor's throughput on the same cores.
 
-    python benchmarks/scale.py [--scales 1 10 100] [--workers 1 2] [--stages ...] [--work DIR]
+    python benchmarks/scale.py [--scales 1 10 100] [--workers 1 2] [--stages ...] [--executors local dask]
+                               [--work DIR]
     # writes metrics/scale.json and docs/scale.png (log-log: seconds and peak RSS against dump size)
 """
 
@@ -83,16 +86,17 @@ def small_labeled(out: Path) -> None:
     out.write_bytes(b"\r\n".join([lines[0], *lines[1:-1:50]]) + b"\r\n")
 
 
-def overrides(work: Path, workers: int) -> dict[str, Any]:
+def overrides(work: Path, workers: int, executor: str = "local") -> dict[str, Any]:
     sources = load_config().data.model_dump()["sources"]
     sources[0]["path"], sources[1]["path"] = str(work / "dump.xml"), str(work / "labeled.csv")
     return {"tracking.enabled": False, "data.sources": sources, "data.clean.dedup.exact": False,
-            "data.clean.dedup.near": False, "data.clean.workers": workers, "cooccur.workers": workers}
+            "data.clean.dedup.near": False, "data.clean.workers": workers, "cooccur.workers": workers,
+            "data.clean.executor": executor}
 
 
-def measure(stage: str, work: Path, workers: int) -> dict[str, float]:
+def measure(stage: str, work: Path, workers: int, executor: str = "local") -> dict[str, float]:
     env = {**os.environ, "RAYON_NUM_THREADS": str(workers), "OMP_NUM_THREADS": str(workers)}
-    command = [sys.executable, "-c", CHILD, stage, str(work), json.dumps(overrides(work, workers))]
+    command = [sys.executable, "-c", CHILD, stage, str(work), json.dumps(overrides(work, workers, executor))]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{stage} failed:\n{done.stderr[-3000:]}")
@@ -107,10 +111,13 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
 
     fig, (time_axes, memory_axes) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
     for stage in STAGES:
-        for workers in sorted({r["workers"] for r in rows}):
-            points = [r for r in rows if r["stage"] == stage and r["workers"] == workers]
-            label = f"{stage}, {workers} worker{'s' if workers > 1 else ''}"
-            style = "-" if workers > 1 else "--"
+        for workers, executor in sorted({(r["workers"], r.get("executor", "local")) for r in rows}):
+            points = [r for r in rows
+                      if (r["stage"], r["workers"], r.get("executor", "local")) == (stage, workers, executor)]
+            if not points:
+                continue
+            label = f"{stage}, {workers} worker{'s' if workers > 1 else ''}" + ", dask" * (executor == "dask")
+            style = ":" if executor == "dask" else "-" if workers > 1 else "--"
             sizes = [r["dump_mb"] for r in points]
             time_axes.plot(sizes, [r["seconds"] for r in points], style, marker="o", label=label)
             memory_axes.plot(sizes, [r["peak_rss_mib"] for r in points], style, marker="o", label=label)
@@ -132,6 +139,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
                         help="measure these (clean still runs, unmeasured, for their input)")
+    parser.add_argument("--executors", nargs="+", choices=["local", "dask"], default=["local"],
+                        help="clean's executor (the other stages run locally)")
     parser.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
     args = parser.parse_args()
     from pipeline.stages import ingest
@@ -147,13 +156,16 @@ def main() -> None:
             small_labeled(work / "labeled.csv")
             ingest.run(load_config(overrides=overrides(work, 1)), work / "raw")
             (work / "dump.xml").unlink()  # the raw copy is what the stages read
-            for workers in args.workers:
+            for workers, executor in [(w, e) for w in args.workers for e in args.executors]:
                 # cooccur (words) reads the clean output only; tokenize and cooccur need clean's
                 for stage in [s for s in STAGES if s in args.stages or s == "clean"]:
-                    result = measure(stage, work, workers)
+                    if executor == "dask" and stage != "clean":
+                        continue
+                    result = measure(stage, work, workers, executor)
                     if stage not in args.stages:
                         continue
-                    row = {"scale": times, "workers": workers, "stage": stage, "dump_mb": round(dump_mb, 1),
+                    row = {"scale": times, "workers": workers, "executor": executor, "stage": stage,
+                           "dump_mb": round(dump_mb, 1),
                            "seconds": round(result["seconds"], 2),
                            "mb_per_s": round(dump_mb / result["seconds"], 2),
                            "peak_rss_mib": round(result["peak_rss_mib"], 1),
@@ -166,18 +178,19 @@ def main() -> None:
     (ROOT / "metrics").mkdir(exist_ok=True)
     saved = ROOT / "metrics" / "scale.json"
     if saved.exists():  # keep the earlier rows of what this run did not measure
-        def where(r: dict[str, Any]) -> tuple[int, int, str]:
-            return r["scale"], r["workers"], r["stage"]
+        def where(r: dict[str, Any]) -> tuple[int, int, str, str]:
+            return r["scale"], r["workers"], r.get("executor", "local"), r["stage"]
 
         measured = {where(r) for r in rows}
         rows = [r for r in json.loads(saved.read_text()) if where(r) not in measured] + rows
-        rows.sort(key=lambda r: (r["scale"], r["workers"], STAGES.index(r["stage"])))
+        rows.sort(key=lambda r: (*where(r)[:3], STAGES.index(r["stage"])))
     saved.write_text(json.dumps(rows, indent=2) + "\n")
     plot(rows, ROOT / "docs" / "scale.png")
-    print(f"{'stage':9} {'scale':>5} {'workers':>7} {'MB':>7} {'s':>8} {'MB/s':>7} {'peak MiB':>9}")
+    print(f"{'stage':9} {'scale':>5} {'workers':>7} {'executor':>8} {'MB':>7} {'s':>8} {'MB/s':>7} "
+          f"{'peak MiB':>9}")
     for r in rows:
-        print(f"{r['stage']:9} {r['scale']:>5} {r['workers']:>7} {r['dump_mb']:>7} {r['seconds']:>8} "
-              f"{r['mb_per_s']:>7} {r['peak_rss_mib']:>9}")
+        print(f"{r['stage']:9} {r['scale']:>5} {r['workers']:>7} {r.get('executor', 'local'):>8} "
+              f"{r['dump_mb']:>7} {r['seconds']:>8} {r['mb_per_s']:>7} {r['peak_rss_mib']:>9}")
 
 
 if __name__ == "__main__":

@@ -141,6 +141,8 @@ class Clean(Section):
     dedup: Dedup = Dedup()
     split: Split = Split()
     workers: int = Field(0, ge=0, description="processes for wikitext parsing; 0 = all cores")
+    executor: Literal["local", "dask"] = "local"  # dask: at `scheduler`, or a local cluster of `workers`
+    scheduler: str | None = Field(None, description="a Dask scheduler's address (executor dask)")
     batch_pages: int = Field(64, ge=1, description="pages handed to a worker at a time")
     row_group_rows: int = Field(
         1024, ge=1, description="Parquet rows per row group: readers hold one group in memory at a time"

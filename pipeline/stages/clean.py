@@ -21,12 +21,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import multiprocessing
 import os
 import re
 import sys
 import tempfile
-import threading
 import time
 import zlib
 from collections import Counter, defaultdict
@@ -42,6 +40,7 @@ import pyarrow.parquet as pq
 from datasketch import MinHash, MinHashLSH
 
 from pipeline.config import Config, Dedup, Filters, Source, Split, project_root
+from pipeline.executors import ordered_map
 from pipeline.files import InputError, atomic_path, resolve_paths, write_json
 from pipeline.progress import Progress
 from pipeline.sources import RawDoc, read_source
@@ -343,20 +342,13 @@ def read_all(source: Source, raw_dir: Path, report: SourceReport) -> Iterator[Ra
         yield from read_source(source, path)
 
 
-def throttled(items: Iterable[Any], slots: threading.BoundedSemaphore) -> Iterator[Any]:
-    """`items`, each taken only once a slot is free: the consumer frees one per result."""
-    for item in items:
-        slots.acquire()
-        yield item
-
-
 def clean_sources(cfg: Config, raw_dir: Path, sets: dict[str, OutputSet]) -> dict[str, SourceReport]:
-    """Every source of the kinds in `sets` read, cleaned in worker processes, filtered and
-    deduplicated into its set."""
+    """Every source of the kinds in `sets` read, cleaned in worker processes (local, or on a Dask
+    cluster) a batch at a time, filtered and deduplicated into its set in the source's order."""
     clean_cfg = cfg.data.clean
     reports: dict[str, SourceReport] = {}
     workers = clean_cfg.workers or os.cpu_count() or 1
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    with ordered_map(clean_cfg.executor, workers, clean_cfg.scheduler) as in_order:
         for source in (s for s in cfg.data.sources if s.kind in sets):
             report = reports[source.name] = SourceReport()
             target = sets[source.kind]
@@ -364,9 +356,7 @@ def clean_sources(cfg: Config, raw_dir: Path, sets: dict[str, OutputSet]) -> dic
             batches = batched(read_all(source, raw_dir, report), clean_cfg.batch_pages)
             progress = Progress(f"clean {source.name}", None, "doc")
             work = functools.partial(_clean_batch, dedup=clean_cfg.dedup, filters=filters)
-            slots = threading.BoundedSemaphore(4 * workers)  # imap's feeder would read the whole source
-            for cleaned in pool.imap(work, throttled(batches, slots)):
-                slots.release()
+            for cleaned in in_order(work, batches):
                 for doc in cleaned:
                     report.documents_in += 1
                     report.repairs.update(doc.repairs)

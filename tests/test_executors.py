@@ -1,0 +1,77 @@
+"""Stages' work on a Dask cluster of worker processes on 127.0.0.1: the same bytes as the local
+executor, and a worker killed mid-task costs nothing but the rerun of its task."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+from test_clean import csv_slice, run_stages, slice_params, wiki_slice, with_paths
+
+from pipeline.config import ConfigError, parse_config
+from pipeline.executors import ordered_map
+from pipeline.files import file_digest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from dask.distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as started:
+        yield started
+
+
+@pytest.fixture
+def slices(tmp_path: Path):
+    def make(pages: int = 30, rows: int = 600) -> dict:
+        return slice_params(wiki_slice(tmp_path / "wiki.xml", pages), csv_slice(tmp_path / "s.csv", rows))
+
+    return make
+
+
+def square_or_die_once(item: tuple[Path, int]) -> int:
+    """Squares; the first worker to reach item 3 dies (as a killed process would) instead."""
+    marker, number = item
+    if number == 3:
+        try:
+            marker.touch(exist_ok=False)
+        except FileExistsError:
+            pass
+        else:
+            os._exit(1)
+    return number * number
+
+
+def test_a_dask_worker_killed_mid_task_loses_nothing(cluster, tmp_path: Path) -> None:
+    marker = tmp_path / "killed"
+    with ordered_map("dask", 2, cluster.scheduler_address) as in_order:
+        results = list(in_order(square_or_die_once, [(marker, n) for n in range(40)]))
+    assert marker.exists()  # a worker did die
+    assert results == [n * n for n in range(40)]  # in order, none lost, none twice
+    assert all(host.startswith("tcp://127.0.0.1:") for host in cluster.scheduler_info["workers"])
+
+
+def test_clean_on_a_dask_cluster_writes_the_same_bytes(tmp_path: Path, slices) -> None:
+    params = slices(pages=40, rows=800)
+    digests = []
+    for executor in ("local", "dask"):  # dask: a cluster of 2 local workers, started by the stage
+        run_params = copy.deepcopy(params)
+        run_params["data"]["clean"].update(executor=executor, workers=2, batch_pages=4)
+        root = tmp_path / executor
+        metrics = run_stages(with_paths(run_params, root), root)
+        outputs = [*sorted((root / "clean").iterdir()), *sorted((root / "splits").iterdir())]
+        digests.append(([(p.name, file_digest(p)) for p in outputs], metrics["sources"]))
+    assert digests[0] == digests[1]
+
+
+def test_an_unknown_executor_is_refused_in_one_line(slices) -> None:
+    params = slices()
+    params["data"]["clean"]["executor"] = "spark"
+    with pytest.raises(ConfigError, match=r"data\.clean\.executor") as refused:
+        parse_config(params)
+    assert "\n" not in str(refused.value)
