@@ -11,7 +11,7 @@ import pytest
 from test_clean import csv_slice, run_stages, slice_params, wiki_slice, with_paths
 
 from pipeline.config import ConfigError, parse_config
-from pipeline.executors import ordered_map
+from pipeline.executors import IN_FLIGHT_PER_WORKER, ordered_map
 from pipeline.files import file_digest
 
 pytestmark = pytest.mark.slow
@@ -54,6 +54,27 @@ def test_a_dask_worker_killed_mid_task_loses_nothing(cluster, tmp_path: Path) ->
     assert marker.exists()  # a worker did die
     assert results == [n * n for n in range(40)]  # in order, none lost, none twice
     assert all(host.startswith("tcp://127.0.0.1:") for host in cluster.scheduler_info["workers"])
+
+
+class Page:
+    """A stand-in for a page of text on its way to a worker."""
+
+    def __init__(self, number: int) -> None:
+        self.number, self.text = number, "x" * 10_000
+
+
+def page_number(page: Page) -> int:
+    return page.number
+
+
+def test_a_dask_cluster_keeps_no_piece_it_has_finished() -> None:
+    import gc
+
+    with ordered_map("dask", 2) as in_order:  # the cluster the stage starts, scheduler in this process
+        assert list(in_order(page_number, (Page(n) for n in range(60)))) == list(range(60))
+        gc.collect()
+        alive = sum(isinstance(o, Page) for o in gc.get_objects())
+    assert alive <= 2 * IN_FLIGHT_PER_WORKER, alive  # at most what was in flight (default log: ~all 60)
 
 
 def test_clean_on_a_dask_cluster_writes_the_same_bytes(tmp_path: Path, slices) -> None:
