@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal, TypeVar
 
 Item = TypeVar("Item")
-Result = TypeVar("Result")
 OrderedMap = Callable[[Callable[[Any], Any], Iterable[Any]], Iterator[Any]]
 Executor = Literal["local", "dask"]
 IN_FLIGHT_PER_WORKER = 4  # pieces submitted ahead of the one awaited, per worker
