@@ -252,7 +252,7 @@ class Cooccur(Section):
     window: int = Field(24, ge=1, le=24, description="units each side of the centre")
     min_count: int = Field(5, ge=1, description="units seen fewer times in train are dropped first")
     memory_mb: float = Field(64, gt=0, description="pair buffers (MiB), reduced and spilled when full")
-    workers: int = Field(0, ge=0, description="threads counting document batches; 0 = all cores")
+    workers: int = Field(0, ge=0, description="processes splitting words, threads counting; 0 = all cores")
 
 
 class Words(Section):

@@ -72,11 +72,16 @@ def read_text_vectors(path: Path) -> tuple[list[str], np.ndarray]:
 # ---------------------------------------------------------------- train words of the clean tables
 
 
-def train_texts(*tables: Path) -> Iterator[str]:
-    """The train texts of each clean table (Parquet with `text` and `split`), in order."""
+def train_texts(*tables: Path, part: int = 0, parts: int = 1) -> Iterator[str]:
+    """The train texts of each clean table (Parquet with `text` and `split`), in order; of the rows
+    of all tables, only rows `part`, `part + parts`, ..."""
+    first_row = 0
     for table in tables:
         for batch in pq.ParquetFile(table).iter_batches(columns=["text", "split"], batch_size=256):
-            for text, split in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
+            mine = slice((part - first_row) % parts, None, parts)  # no pa.array: it imports pandas
+            first_row += batch.num_rows
+            texts, splits = batch.column(0).to_pylist()[mine], batch.column(1).to_pylist()[mine]
+            for text, split in zip(texts, splits, strict=True):
                 if split == "train":
                     yield text
 
@@ -90,8 +95,8 @@ def word_tables(clean_dir: Path, include_labeled_train: bool) -> list[Path]:
     return tables
 
 
-def word_documents(tables: list[Path], pattern: str) -> Iterator[list[str]]:
-    """Each train text as its lowercased `pattern` matches."""
+def word_documents(tables: list[Path], pattern: str, part: int = 0, parts: int = 1) -> Iterator[list[str]]:
+    """Each train text as its lowercased `pattern` matches (of rows `part`, `part + parts`, ...)."""
     word = re.compile(pattern)
-    for text in train_texts(*tables):
+    for text in train_texts(*tables, part=part, parts=parts):
         yield word.findall(text.lower())

@@ -54,13 +54,15 @@ def run_cooccur(root: Path, params: dict[str, Any], out: Path, unit: str = "word
                        out.parent / f"{out.name}.json", unit)
 
 
-@pytest.mark.parametrize(("window", "labeled"), [(15, False), (3, True)])
-def test_word_counts_equal_a_brute_force_count_exactly(small_project, tmp_path, monkeypatch, window, labeled):
+@pytest.mark.parametrize(("window", "labeled", "workers"), [(15, False, 3), (3, True, 1)])
+def test_word_counts_equal_a_brute_force_count_exactly(small_project, tmp_path, monkeypatch, window, labeled,
+                                                       workers):
     root, params = small_project
     monkeypatch.setattr(cooccur, "IDS_PER_READ", 997)  # word ids written and read in many blocks
-    # 10 KiB of pair buffer: counted in several spilled chunks, merged in several blocks
+    # 10 KiB of pair buffer: counted in several spilled chunks, merged in several blocks; the text
+    # split into words by `workers` processes
     metrics = run_cooccur(root, params, tmp_path / "co", window=window, memory_mb=0.01,
-                          include_labeled_train=labeled)
+                          include_labeled_train=labeled, workers=workers)
     assert metrics["chunks"] > 1
     tables = [root / "clean" / CORPUS_FILE] + labeled * [root / "clean" / LABELED_FILE]
     texts = list(train_texts(*tables))  # each labeled train text its own document

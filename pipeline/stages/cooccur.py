@@ -28,10 +28,13 @@ import array
 import contextlib
 import functools
 import itertools
+import multiprocessing
+import os
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -62,42 +65,56 @@ UNITS: tuple[Unit, ...] = ("word", "token")
 
 
 @dataclass(frozen=True)
-class WordIds:
-    """The train words read once: each word as a provisional id (order of first sight), stored in a
-    flat int32 file with each document's length, so counting needs no second pass over the text."""
+class WordIdsPart:
+    """Some of the train texts as provisional ids in a flat int32 file, with each text's length and
+    each id's id in the whole (`to_global`)."""
 
-    words: list[str]  # provisional id -> word
     path: Path
     lengths: np.ndarray
+    to_global: np.ndarray
+
+
+@dataclass(frozen=True)
+class WordIds:
+    """The train words read once: each word as a provisional id (order of first sight), stored in
+    int32 files with each document's length, so counting needs no second pass over the text."""
+
+    words: list[str]  # provisional id -> word
+    parts: list[WordIdsPart]
 
     def counts(self) -> np.ndarray:
         counts = np.zeros(len(self.words), dtype=np.int64)
-        with open(self.path, "rb") as f:
-            while len(chunk := np.fromfile(f, np.int32, IDS_PER_READ)):
-                counts += np.bincount(chunk, minlength=len(self.words))
+        for part in self.parts:
+            with open(part.path, "rb") as f:
+                while len(chunk := np.fromfile(f, np.int32, IDS_PER_READ)):
+                    counts[part.to_global] += np.bincount(chunk, minlength=len(part.to_global))
         return counts
 
     def document_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Whole documents about `IDS_PER_READ` ids at a time: (ids, each document's start in them).
         Read, not mapped: a mapping would keep every page read so far resident."""
-        offsets = np.concatenate([[0], np.cumsum(self.lengths)])
-        first = 0
-        with open(self.path, "rb") as f:
-            while first < len(self.lengths):
-                last = max(int(np.searchsorted(offsets, offsets[first] + IDS_PER_READ, "right")) - 1,
-                           first + 1)
-                f.seek(int(offsets[first]) * 4)  # int32
-                ids = np.fromfile(f, np.int32, int(offsets[last] - offsets[first]))
-                yield ids, offsets[first:last] - offsets[first]
-                first = last
+        for part in self.parts:
+            offsets = np.concatenate([[0], np.cumsum(part.lengths)])
+            first = 0
+            with open(part.path, "rb") as f:
+                while first < len(part.lengths):
+                    last = max(int(np.searchsorted(offsets, offsets[first] + IDS_PER_READ, "right")) - 1,
+                               first + 1)
+                    f.seek(int(offsets[first]) * 4)  # int32
+                    ids = np.fromfile(f, np.int32, int(offsets[last] - offsets[first]))
+                    yield part.to_global[ids], offsets[first:last] - offsets[first]
+                    first = last
 
 
-def read_word_ids(tables: list[Path], pattern: str, path: Path) -> WordIds:
+def read_word_ids_part(tables: list[Path], pattern: str, part: int, parts: int,
+                       path: Path) -> tuple[list[str], np.ndarray]:
+    """Train texts `part`, `part + parts`, ... as ids in order of first sight in them, written to
+    `path`; returns the words by id and each text's length."""
     first_seen: dict[str, int] = {}
     lengths: list[int] = []
     pending = array.array("i")  # int32, written IDS_PER_READ at a time: a write per document costs more
     with open(path, "wb") as out:
-        for words in word_documents(tables, pattern):
+        for words in word_documents(tables, pattern, part, parts):
             new = set(words).difference(first_seen)
             first_seen.update(zip(new, range(len(first_seen), len(first_seen) + len(new)), strict=True))
             pending.extend(map(first_seen.__getitem__, words))
@@ -106,7 +123,27 @@ def read_word_ids(tables: list[Path], pattern: str, path: Path) -> WordIds:
                 pending.tofile(out)
                 del pending[:]
         pending.tofile(out)
-    return WordIds(list(first_seen), path, np.array(lengths, dtype=np.int64))
+    return list(first_seen), np.array(lengths, dtype=np.int64)
+
+
+def read_word_ids(tables: list[Path], pattern: str, directory: Path, workers: int) -> WordIds:
+    """The train texts split into words by `workers` processes (the regex holds the GIL), each
+    taking every `workers`-th text; their ids are joined into one numbering."""
+    paths = [directory / f"word_ids-{part}.int32" for part in range(workers)]
+    if workers == 1:
+        results = [read_word_ids_part(tables, pattern, 0, 1, paths[0])]
+    else:
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+            results = list(pool.map(read_word_ids_part, *zip(*[(tables, pattern, part, workers, path)
+                                                              for part, path in enumerate(paths)],
+                                                             strict=True)))
+    first_seen: dict[str, int] = {}
+    parts = []
+    for path, (words, lengths) in zip(paths, results, strict=True):
+        to_global = np.array([first_seen.setdefault(word, len(first_seen)) for word in words], np.int32)
+        parts.append(WordIdsPart(path, lengths, to_global))
+    return WordIds(list(first_seen), parts)
 
 
 def word_vocabulary(word_ids: WordIds, cfg: Cooccur, tables: list[Path], pattern: str) -> Vocabulary:
@@ -189,7 +226,7 @@ def run(
     if unit == "word":
         tables = word_tables(clean_dir, cfg.paths.given(cfg.words.include_labeled_train))
         word_ids = read_word_ids(tables, cfg.words.pattern, Path(stack.enter_context(
-            tempfile.TemporaryDirectory(dir=out_dir.parent))) / "word_ids.int32")
+            tempfile.TemporaryDirectory(dir=out_dir.parent))), co.workers or os.cpu_count() or 1)
         vocab = word_vocabulary(word_ids, co, tables, cfg.words.pattern)
         check_vocabulary(vocab, co, unit)
         batches: Callable[[int], Iterable[Batch]] = functools.partial(word_batches, word_ids, vocab)
