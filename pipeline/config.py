@@ -8,12 +8,21 @@ for a typo): see `load_config`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from pipeline.configbase import OptionalInput, Section
 from pipeline.configerrors import describe_error
+from pipeline.configfamilies import (
+    Autoencode,
+    Cooccur,
+    Glove,
+    Word2Vec,
+    WordEval,
+    Words,
+)
 
 PROJECT_MARKERS = ("dvc.yaml", ".dvc")
 
@@ -34,20 +43,6 @@ def default_params() -> Path:
 
 class ConfigError(ValueError):
     """A params file that does not describe a valid pipeline configuration."""
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def _path_not_switch(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError("a path, not true/false: the input to read, or paths.no_input (inputs/none)")
-    return value
-
-
-# An input a stage reads only when asked: its path, or paths.no_input (DVC then depends on that instead)
-OptionalInput = Annotated[str, BeforeValidator(_path_not_switch)]
 
 
 # ---------------------------------------------------------------- data sources and cleaning
@@ -239,80 +234,6 @@ class Pretrain(Section):
         return self
 
 
-# ---------------------------------------------------------------- co-occurrence and GloVe
-
-GENSIM_TEST_DATA = "pkg://gensim/test/test_data"
-
-
-class Cooccur(Section):
-    """Co-occurrence counts over the train split, with the semantics of Stanford GloVe's `cooccur`,
-    for two units: words of the clean text (stage `cooccur`) and BPE ids of the shards (`cooccur_token`)."""
-
-    # The 1/d weights are summed exactly as integers over lcm(1..window): 24 keeps that in int64.
-    window: int = Field(24, ge=1, le=24, description="units each side of the centre")
-    min_count: int = Field(5, ge=1, description="units seen fewer times in train are dropped first")
-    memory_mb: float = Field(64, gt=0, description="pair buffers (MiB), reduced and spilled when full")
-    workers: int = Field(0, ge=0, description="processes splitting words, threads counting; 0 = all cores")
-
-
-class Words(Section):
-    """The word text of the word-vector stages (cooccur, skipgram, cbow): train texts only."""
-
-    pattern: str = Field(r"[^\W\d_]+", description="regex of a word, on lowercased text")
-    include_labeled_train: OptionalInput = Field(
-        "data/clean/labeled.parquet", description="a labeled set whose train texts follow the corpus's "
-        "(never val or test); paths.no_input: none",
-    )
-
-
-class WordBenchmarks(Section):
-    """Evaluation files (gensim's formats); `pkg://` paths point into installed packages."""
-
-    wordsim353: str = f"{GENSIM_TEST_DATA}/wordsim353.tsv"
-    simlex999: str = f"{GENSIM_TEST_DATA}/simlex999.txt"
-    analogy: str = f"{GENSIM_TEST_DATA}/questions-words.txt"
-
-
-class Glove(Section):
-    """GloVe on the co-occurrence triples: AdaGrad as in the reference C code, shuffled mini-batches."""
-
-    dim: int = Field(50, ge=1, description="vector width")
-    epochs: int = Field(15, ge=1)
-    learning_rate: float = Field(0.05, gt=0, description="AdaGrad eta (vectors; biases use 1 as in C)")
-    x_max: float = Field(5.0, gt=0, description="f(x) = (x/x_max)^alpha, capped at 1")
-    alpha: float = Field(0.75, gt=0)
-    grad_clip: float = Field(100.0, gt=0, description="per-record clip of the vector gradient, as in C")
-    batch_size: int = Field(1024, ge=1, description="records per AdaGrad step")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
-    seed: int = 1337
-
-
-class Word2Vec(Section):
-    """gensim's Word2Vec (stages skipgram and cbow) on the `words` text: negative sampling, subsampling."""
-
-    dim: int = Field(100, ge=1, description="vector width")
-    window: int = Field(10, ge=1, description="words each side of the centre (gensim shrinks it at random)")
-    negative: int = Field(10, ge=1, description="noise words per positive pair")
-    sample: float = Field(1e-4, ge=0, lt=1, description="frequent-word subsampling threshold; 0 = none")
-    min_count: int = Field(5, ge=1, description="words seen fewer times in train are dropped")
-    epochs: int = Field(15, ge=1)
-    learning_rate: float = Field(0.025, gt=0, description="start of the linear decay")
-    min_learning_rate: float = Field(1e-4, gt=0, description="end of the linear decay")
-    workers: int = Field(1, ge=0, description="training threads; 1 = bit-exact reruns; 0 = all cores")
-    seed: int = 1337
-
-
-class WordEval(Section):
-    """How word vectors (glove, skipgram, cbow) are scored: benchmarks and probe words' neighbours."""
-
-    benchmarks: WordBenchmarks = WordBenchmarks()
-    probe_words: list[str] = Field(
-        default_factory=lambda: ["war", "music", "france", "king", "philosophy"],
-        description="words whose nearest neighbours go into the metrics",
-    )
-    neighbours: int = Field(8, ge=1)
-
-
 # ---------------------------------------------------------------- fine-tuning and evaluation
 
 
@@ -382,6 +303,8 @@ class Paths(Section):
     checkpoints: str = "checkpoints/pretrain"
     classifier: str = "data/classifier"
     finetune_checkpoints: str = "checkpoints/finetune"
+    autoencode: str = "data/autoencode"
+    autoencode_checkpoints: str = "checkpoints/autoencode"
     reports: str = "reports"
     metrics: str = "metrics"
     # An optional input set to this is off: a git-tracked folder that never changes, because DVC has
@@ -423,6 +346,7 @@ class Config(Section):
     pretrain: Pretrain = Pretrain()
     finetune: Finetune = Finetune()
     evaluate: Evaluate = Evaluate()
+    autoencode: Autoencode = Autoencode()
     tracking: Tracking = Tracking()
 
     @model_validator(mode="after")

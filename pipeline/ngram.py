@@ -39,3 +39,22 @@ def bigram_bits_per_token(train: TokenShards, heldout: TokenShards, vocab_size: 
     pair_count = np.where(keys[found] == queries, counts[found], 0)
     p = (pair_count + k) / (context_counts[queries // vocab_size] + k * vocab_size)
     return float(-np.log2(p).mean())
+
+
+def sentence_bigram_perplexity(train: list[np.ndarray], heldout: list[np.ndarray], vocab_size: int,
+                               k: float, boundary: int) -> float:
+    """Perplexity per predicted token of held-out sentences under an add-k bigram of train sentences,
+    each sentence framed by `boundary` (its first token and its end are predicted too): the n-gram
+    LM behind forward perplexity (real text scoring samples) and reverse (samples scoring real text)."""
+    def keys(sentences: list[np.ndarray]) -> np.ndarray:
+        framed = [np.concatenate([[boundary], s, [boundary]]).astype(np.int64) for s in sentences]
+        pairs = [f[:-1] * vocab_size + f[1:] for f in framed]
+        return np.concatenate(pairs) if pairs else np.empty(0, np.int64)
+
+    pairs, counts = np.unique(keys(train), return_counts=True)
+    context_counts = np.bincount(pairs // vocab_size, weights=counts, minlength=vocab_size)
+    queries = keys(heldout)
+    found = np.minimum(np.searchsorted(pairs, queries), max(len(pairs) - 1, 0))
+    pair_count = np.where(pairs[found] == queries, counts[found], 0) if len(pairs) else np.zeros(len(queries))
+    p = (pair_count + k) / (context_counts[queries // vocab_size] + k * vocab_size)
+    return float(np.exp(-np.log(p).mean()))

@@ -116,6 +116,43 @@ def embedding_tables(emb: dict[str, dict[str, Any]]) -> str:
     return scores + note + neighbours
 
 
+SENTENCE_MODELS = {"lm": "GRU language model", "ae": "autoencoder", "dae": "denoiser (seq2seq + attention)",
+                   "vae": "sentence VAE", "arae": "ARAE (latent WGAN-GP on the ae codes)",
+                   "glove": "mean GloVe word vector (probe only)"}
+SENTENCE_METRICS = ("nll", "ppl", "elbo", "kl", "mutual_information", "active_units", "token_accuracy",
+                    "rouge_l", "bleu", "forward_ppl", "reverse_ppl", "probe_f1")
+
+
+def sentence_models_section(found: dict[str, Any]) -> str:
+    """The autoencode stage's scores (one row per model), then its examples: reconstructions,
+    samples and interpolations."""
+    scores, examples = found["metrics"], found["examples"]
+    rows = [[SENTENCE_MODELS[name], *(scores[name].get(k, "-") for k in SENTENCE_METRICS)]
+            for name in SENTENCE_MODELS if name in scores]
+    parts = [table(rows, ["model", "NLL (nats/sentence)", "perplexity", "ELBO", "KL", "mutual information",
+                          "active units", "token accuracy", "ROUGE-L", "BLEU", "forward ppl", "reverse ppl",
+                          "sentiment probe macro-F1"])]
+    parts.append(f"<p class='sub'>{scores['sentences']['test_scored']} test sentences scored; the VAE's NLL "
+                 "is its importance-sampled bound; forward/reverse perplexity: an add-k bigram of real train "
+                 "text scoring generated sentences / of generated sentences scoring real test text.</p>")
+    columns = [k for k in ("ae", "vae") if k in examples]
+    if columns:
+        parts.append(table([[t, *(examples[k][i] for k in columns)] for i, t in enumerate(examples["test"])],
+                           ["test sentence", *(f"{k} reconstruction" for k in columns)]))
+    if "dae" in examples:
+        parts.append(table([[e["input"], e["output"]] for e in examples["dae"]],
+                           ["masked input", "denoiser output"]))
+    samples = examples.get("samples", {})
+    if samples:
+        parts.append(table([[SENTENCE_MODELS[k] if i == 0 else "", s] for k, v in samples.items()
+                            for i, s in enumerate(v)], ["samples from", "sentence"]))
+    for key in ("ae_interpolation", "vae_interpolation"):
+        if key in examples:
+            parts.append(table([[i, s] for i, s in enumerate(examples[key])],
+                               [f"{key.split('_')[0]} interpolation step", "sentence"]))
+    return "".join(parts)
+
+
 def render_report(
     metrics: dict[str, Any],
     labels: list[str],
@@ -211,6 +248,9 @@ def render_report(
             parts.append(f"<div class='plots'><img src='{plots['glove']}' alt='GloVe loss'></div>")
     else:
         parts.append("<p>No word-vector metrics found.</p>")
+    if metrics.get("sentence_models"):
+        parts.append("<h2>Sentence autoencoders, VAE and latent GAN (test split)</h2>")
+        parts.append(sentence_models_section(metrics["sentence_models"]))
     parts.append("<h2>Samples</h2>" if metrics["samples"] else "")
     parts += [
         f"<div class='sample'><b>{html.escape(s['prompt'])}</b>{html.escape(s['text'][len(s['prompt']) :])}"

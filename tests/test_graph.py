@@ -18,23 +18,26 @@ from pipeline.status import stale_stages
 
 REPO = project_root(Path(__file__).parent)
 EVERY = {"ingest", "clean", "clean_labeled", "tokenize", "tokenize_labeled", "cooccur", "glove", "skipgram",
-         "cbow", "cooccur_token", "glove_token", "pretrain", "finetune", "evaluate"}
+         "cbow", "cooccur_token", "glove_token", "pretrain", "finetune", "evaluate", "autoencode"}
 WORDS = {"cooccur", "glove", "skipgram", "cbow"}  # the word-vector stages
 LM = {"tokenize", "cooccur_token", "glove_token", "pretrain"}  # what the language model is built from
 CLASSIFIER = {"tokenize_labeled", "finetune", "evaluate"}
+SENTENCES = {"autoencode", "evaluate"}  # the sentence models read the clean texts, tokenizer, GloVe
 TUNED = {"finetune", "evaluate"}  # what the language model reaches
 LABELED = "data/clean/labeled.parquet"
 NONE = "inputs/none"
 
 CONFIGS = {  # name: (params changed, the stages a raw labeled source reaches, those the glove params reach)
-    "default": ({}, {"clean_labeled", *WORDS, *CLASSIFIER}, {"glove", "glove_token", "pretrain", *TUNED}),
-    "random embedding": ({"pretrain": {"init_embeddings": NONE}}, {"clean_labeled", *WORDS, *CLASSIFIER},
-                         {"glove", "glove_token", "evaluate"}),
-    "labeled texts in the LM": ({"tokenize": {"include_labeled_train": LABELED}},
-                                EVERY - {"ingest", "clean"}, {"glove", "glove_token", "pretrain", *TUNED}),
+    "default": ({}, {"clean_labeled", *WORDS, *CLASSIFIER, *SENTENCES},
+                {"glove", "glove_token", "pretrain", *TUNED, *SENTENCES}),
+    "random embedding": ({"pretrain": {"init_embeddings": NONE}},
+                         {"clean_labeled", *WORDS, *CLASSIFIER, *SENTENCES},
+                         {"glove", "glove_token", *SENTENCES}),
+    "labeled texts in the LM": ({"tokenize": {"include_labeled_train": LABELED}}, EVERY - {"ingest", "clean"},
+                                {"glove", "glove_token", "pretrain", *TUNED, *SENTENCES}),
     "labeled texts not in the words": ({"words": {"include_labeled_train": NONE}},
-                                       {"clean_labeled", *CLASSIFIER},
-                                       {"glove", "glove_token", "pretrain", *TUNED}),
+                                       {"clean_labeled", *CLASSIFIER, *SENTENCES},
+                                       {"glove", "glove_token", "pretrain", *TUNED, *SENTENCES}),
 }
 
 
@@ -104,14 +107,15 @@ def test_params_sections_reach_exactly_their_readers(projects: dict[str, Path], 
     # the labeled set's encoding reads two tokenize keys; the corpus side reads the whole section
     before_tokens = {"ingest", "clean", "clean_labeled", *WORDS}
     assert reached(root, section="tokenize.max_length") == EVERY - before_tokens
-    assert reached(root, section="tokenize.vocab_size") == LM | CLASSIFIER
+    assert reached(root, section="tokenize.vocab_size") == LM | CLASSIFIER | SENTENCES
+    assert reached(root, section="autoencode") == SENTENCES
     assert reached(root, section="data") == EVERY  # which sources, and how each is cleaned
 
 
 # one key of each section (and the top-level seed) to change
 EDITS = {"data.clean.split.salt": "changed", "tokenize.vocab_size": 4000, "tokenize.max_length": 64,
          "words.pattern": "[a-z]+", "cooccur.window": 5, "glove.seed": 2, "word2vec.epochs": 3,
-         "pretrain.seed": 2, "finetune.seed": 2, "evaluate.samples": 1, "seed": 7}
+         "pretrain.seed": 2, "finetune.seed": 2, "evaluate.samples": 1, "autoencode.seed": 2, "seed": 7}
 
 
 def committed(root: Path) -> None:

@@ -1,5 +1,6 @@
-"""Language models (no training logic): the GPT decoder and recurrent baselines, built from a
-JSON-serialisable config so a checkpoint is weights (safetensors) plus that config."""
+"""Models (no training logic): the GPT decoder, recurrent baselines, classifiers and the sentence
+autoencoders, built from a JSON-serialisable config so a checkpoint is weights (safetensors) plus
+that config."""
 
 from __future__ import annotations
 
@@ -11,16 +12,25 @@ from torch import nn
 from pipeline.models.classifier import SequenceClassifier
 from pipeline.models.gpt import GPT, GPTConfig
 from pipeline.models.recurrent import RecurrentConfig, RecurrentLM
+from pipeline.models.sentence import (
+    Denoiser,
+    GanConfig,
+    LatentGan,
+    SentenceConfig,
+    SentenceModel,
+)
 from pipeline.models.transformers_classifier import TransformersClassifier
 
-__all__ = ["GPT", "GPTConfig", "RecurrentConfig", "RecurrentLM", "SequenceClassifier",
-           "TransformersClassifier", "build_model", "model_config", "with_dropout"]
+__all__ = ["GPT", "Denoiser", "GPTConfig", "GanConfig", "LatentGan", "RecurrentConfig", "RecurrentLM",
+           "SentenceConfig", "SentenceModel", "SequenceClassifier", "TransformersClassifier", "build_model",
+           "model_config", "with_dropout"]
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:
     """A model from its config dict: {"arch": "gpt" | "lstm" | "gru", ...fields}, or
     {"arch": "classifier", "backbone": {...}, "n_classes": N, "pooling": "last" | "mean"}, or
-    {"arch": "transformers", "transformers": {...its config}, "head": [...]}."""
+    {"arch": "transformers", "transformers": {...its config}, "head": [...]}, or
+    {"arch": "sentence" | "latent_gan", ...fields}."""
     if config["arch"] == "transformers":
         return TransformersClassifier.from_config(config)
     if config["arch"] == "classifier":
@@ -28,10 +38,15 @@ def build_model(config: dict[str, Any]) -> nn.Module:
     fields = {k: v for k, v in config.items() if k != "arch"}
     if config["arch"] == "gpt":
         return GPT(GPTConfig(**fields))
+    if config["arch"] == "sentence":
+        shape = SentenceConfig(**fields)
+        return Denoiser(shape) if shape.kind == "dae" else SentenceModel(shape)
+    if config["arch"] == "latent_gan":
+        return LatentGan(GanConfig(**fields))
     if config["arch"] in ("lstm", "gru"):
         fields.pop("cell", None)
         return RecurrentLM(RecurrentConfig(cell=config["arch"], **fields))
-    raise ValueError(f"unknown model arch '{config['arch']}' (gpt, lstm, gru)")
+    raise ValueError(f"unknown model arch '{config['arch']}' (gpt, lstm, gru, sentence, latent_gan)")
 
 
 def model_config(model: nn.Module) -> dict[str, Any]:
@@ -43,6 +58,10 @@ def model_config(model: nn.Module) -> dict[str, Any]:
                 "pooling": model.pooling}
     if isinstance(model, TransformersClassifier):
         return model.config()
+    if isinstance(model, SentenceModel | Denoiser):
+        return {"arch": "sentence", **asdict(model.cfg)}
+    if isinstance(model, LatentGan):
+        return {"arch": "latent_gan", **asdict(model.cfg)}
     if isinstance(model, RecurrentLM):
         fields = asdict(model.cfg)
         return {"arch": fields.pop("cell"), **fields}

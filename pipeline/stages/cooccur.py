@@ -41,7 +41,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.config import Config, Cooccur, project_root
+from pipeline.config import Config, project_root
+from pipeline.configfamilies import Cooccur
 from pipeline.cooccurrence import Batch, count_cooccurrences, document_batches
 from pipeline.files import InputError, atomic_dir, write_json
 from pipeline.shards import TokenShards, read_manifest

@@ -8,6 +8,8 @@ baselines computed in the same run, and a self-contained HTML report.
   train split (scikit-learn).
 - Word vectors: the glove, skipgram and cbow stages' benchmark scores and nearest neighbours
   (`metrics/{glove,skipgram,cbow}.json`), side by side.
+- Sentence models: the autoencode stage's scores and examples (`metrics/autoencode.json`,
+  `paths.autoencode/examples.json`), when it ran.
 - Generation: samples from `evaluate.samples` prompts with a fixed seed.
 
 Outputs: `metrics/evaluate.json`, `metrics/plots/confusion.csv` (actual,predicted per test example,
@@ -162,16 +164,20 @@ def run(
     clean_dir: Path,
     metrics_dir: Path,
     report_path: Path,
+    autoencode_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Compute every metric, write metrics/evaluate.json, the confusion plot data and the report."""
     from pipeline.tracking import git_state, path_md5
 
     e = cfg.evaluate
+    autoencode_dir = autoencode_dir or project_root() / cfg.paths.autoencode
     mapping = read_labels(tokens_dir / "labeled" / "labels.json")
     labels = [name for name, _ in sorted(mapping.items(), key=lambda item: item[1])]
     ours, pairs = classifier_metrics(classifier_dir, tokens_dir, labels)
     actual, predicted, chosen = tfidf_baseline(clean_dir / LABELED_FILE, mapping, e, cfg.seed)
     backbones_path = metrics_dir / "backbones.json"
+    sentence_paths = {"metrics": metrics_dir / "autoencode.json",
+                      "examples": autoencode_dir / "examples.json"}
     embeddings = {name: json.loads((metrics_dir / f"{name}.json").read_text())
                   for name in ("glove", "skipgram", "cbow") if (metrics_dir / f"{name}.json").exists()}
     metrics: dict[str, Any] = {
@@ -180,6 +186,8 @@ def run(
         "baseline": {**classification_metrics(actual, predicted, labels), "tuned_on_val": chosen},
         "embeddings": embeddings or None,
         "backbones": json.loads(backbones_path.read_text()) if backbones_path.exists() else None,
+        "sentence_models": {k: json.loads(p.read_text()) for k, p in sentence_paths.items()}
+        if all(p.exists() for p in sentence_paths.values()) else None,
         "samples": [
             {
                 "prompt": p,
@@ -232,7 +240,7 @@ def execute(cfg: Config) -> str:
 
     paths = {
         name: project_root() / getattr(cfg.paths, name)
-        for name in ("lm", "tokens", "classifier", "clean", "metrics", "reports")
+        for name in ("lm", "tokens", "classifier", "clean", "metrics", "reports", "autoencode")
     }
     report = paths["reports"] / "report.html"
     inputs = {name: paths[name] for name in ("lm", "tokens", "classifier", "clean")}
@@ -240,7 +248,8 @@ def execute(cfg: Config) -> str:
         "evaluate", cfg.tracking, cfg.evaluate.model_dump(), inputs, {"report": report}
     ) as run_log:
         metrics = run(
-            cfg, paths["lm"], paths["tokens"], paths["classifier"], paths["clean"], paths["metrics"], report
+            cfg, paths["lm"], paths["tokens"], paths["classifier"], paths["clean"], paths["metrics"], report,
+            paths["autoencode"],
         )
         numeric = {k: v for k, v in metrics.items() if k in ("language_model", "classifier", "baseline")}
         run_log.log_metrics(tracking.numeric_leaves(numeric))

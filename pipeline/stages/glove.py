@@ -32,7 +32,8 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline import wordbench
-from pipeline.config import Config, Glove, project_root
+from pipeline.config import Config, project_root
+from pipeline.configfamilies import Glove
 from pipeline.files import InputError, atomic_dir, write_csv, write_json
 from pipeline.progress import Progress
 from pipeline.stagecli import stage_main
