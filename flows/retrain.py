@@ -37,7 +37,7 @@ from pipeline import tracking
 from pipeline.config import load_config, project_root
 
 STAGES = ("ingest", "clean", "clean_labeled", "tokenize", "tokenize_labeled", "cooccur", "glove", "skipgram",
-          "cbow", "cooccur_token", "glove_token", "pretrain", "finetune", "evaluate")
+          "cbow", "cooccur_token", "glove_token", "pretrain", "finetune", "autoencode", "evaluate")
 
 
 def dvc(project: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -50,6 +50,8 @@ STAGES: dict[str, tuple[str, str, list[str]]] = {
     "cbow": ("Train Word2Vec CBOW word vectors and evaluate them", "word2vec", ["--method", "cbow"]),
     "pretrain": ("Train the language model (torchrun for several processes)", "pretrain", []),
     "finetune": ("Fine-tune a sentiment classifier on the pretrained model", "finetune", []),
+    "autoencode": ("Train the sentence models (lm, ae, dae, vae, arae) and score them on test",
+                   "autoencode", []),
     "evaluate": ("Evaluate the models against baselines and write reports/report.html", "evaluate", []),
 }
 

@@ -54,6 +54,10 @@ def tiny_project(root: Path) -> Path:
                               max_steps=6, eval_every=3, eval_windows=4, checkpoint_every=3, warmup_steps=1)
     params["finetune"].update(max_examples=64, epochs=1, eval_every=2, checkpoint_every=2)
     params["evaluate"].update(samples=["The"], sample_tokens=4)
+    params["autoencode"].update(n_embd=16, n_hidden=32, code=8, latent=4, steps=4, gan_steps=3,
+                                critic_steps=2, batch_size=8, checkpoint_every=2, warmup_steps=1,
+                                kl_anneal_steps=2, eval_sentences=20, iwae_samples=2, samples=10,
+                                max_tokens=16)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "--quiet"], cwd=root, check=True)
     return root
@@ -106,7 +110,7 @@ def test_the_flow_runs_every_stage_then_finds_nothing_to_retrain(prefect_server,
     # exactly its readers: the word vectors count the labeled train texts (words.include_labeled_train),
     # the language model never reads them (tokenize.include_labeled_train is off)
     assert set(reached) == {"clean_labeled", "tokenize_labeled", "cooccur", "glove", "skipgram", "cbow",
-                            "finetune", "evaluate"}
+                            "finetune", "autoencode", "evaluate"}
     assert "data/classifier" in reached["finetune"]
     registered = lineage.impacted("data/raw/labeled/sentiment/sentiment.csv", root=project, tracking_uri=uri)
     assert "models:/sentiment-classifier/1" in registered["model_versions"]
@@ -177,7 +181,7 @@ def test_the_flow_runs_every_stage_then_finds_nothing_to_retrain(prefect_server,
     after = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     assert {name for name in after if after[name] != before[name]} == {
         "ingest", "clean_labeled", "tokenize_labeled", "cooccur", "glove", "skipgram", "cbow", "finetune",
-        "evaluate"}
+        "autoencode", "evaluate"}
 
 
 def test_a_stage_that_fails_once_succeeds_on_retry(prefect_server, tmp_path, monkeypatch):
