@@ -114,7 +114,7 @@ class Autoencode(Section):
     weight_decay: float = Field(0.01, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="0 = off")
     kl_anneal_steps: int = Field(250, ge=0, description="vae: the KL weight rises linearly from 0 to 1")
-    free_bits: float = Field(0.5, ge=0, description="vae: nats per latent dimension the KL may use freely")
+    free_bits: float = Field(0.125, ge=0, description="vae: nats per latent dimension the KL may use freely")
     word_dropout: float = Field(0.25, ge=0, lt=1, description="vae: decoder inputs replaced by the mask")
     mask_rate: float = Field(0.15, ge=0, le=1, description="dae training: tokens masked")
     delete_rate: float = Field(0.05, ge=0, le=1, description="dae training: tokens deleted")
