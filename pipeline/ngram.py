@@ -31,14 +31,18 @@ def bigram_bits_per_token(train: TokenShards, heldout: TokenShards, vocab_size: 
     """Cross-entropy (bits per predicted token) of held-out pairs under add-k bigram counts of train
     (of its first `train_tokens` tokens, when given):
     p(next | prev) = (c(prev, next) + k) / (c(prev) + k V)."""
-    keys, counts = np.unique(pair_keys(train, vocab_size, train_tokens), return_counts=True)
+    train_keys = pair_keys(train, vocab_size, train_tokens)
+    return float(-np.log2(add_k_bigram(train_keys, pair_keys(heldout, vocab_size), vocab_size, k)).mean())
+
+
+def add_k_bigram(train_keys: np.ndarray, queries: np.ndarray, vocab_size: int, k: float) -> np.ndarray:
+    """p(next | prev) = (c(prev, next) + k) / (c(prev) + k V) of each query pair (prev * V + next),
+    counted over the train pairs."""
+    keys, counts = np.unique(train_keys, return_counts=True)
     context_counts = np.bincount(keys // vocab_size, weights=counts, minlength=vocab_size)
-    queries = pair_keys(heldout, vocab_size)
-    found = np.searchsorted(keys, queries)
-    found = np.minimum(found, len(keys) - 1)
-    pair_count = np.where(keys[found] == queries, counts[found], 0)
-    p = (pair_count + k) / (context_counts[queries // vocab_size] + k * vocab_size)
-    return float(-np.log2(p).mean())
+    found = np.minimum(np.searchsorted(keys, queries), max(len(keys) - 1, 0))
+    pair_count = np.where(keys[found] == queries, counts[found], 0) if len(keys) else np.zeros(len(queries))
+    return (pair_count + k) / (context_counts[queries // vocab_size] + k * vocab_size)
 
 
 def sentence_bigram_perplexity(train: list[np.ndarray], heldout: list[np.ndarray], vocab_size: int,
@@ -51,10 +55,4 @@ def sentence_bigram_perplexity(train: list[np.ndarray], heldout: list[np.ndarray
         pairs = [f[:-1] * vocab_size + f[1:] for f in framed]
         return np.concatenate(pairs) if pairs else np.empty(0, np.int64)
 
-    pairs, counts = np.unique(keys(train), return_counts=True)
-    context_counts = np.bincount(pairs // vocab_size, weights=counts, minlength=vocab_size)
-    queries = keys(heldout)
-    found = np.minimum(np.searchsorted(pairs, queries), max(len(pairs) - 1, 0))
-    pair_count = np.where(pairs[found] == queries, counts[found], 0) if len(pairs) else np.zeros(len(queries))
-    p = (pair_count + k) / (context_counts[queries // vocab_size] + k * vocab_size)
-    return float(np.exp(-np.log(p).mean()))
+    return float(np.exp(-np.log(add_k_bigram(keys(train), keys(heldout), vocab_size, k)).mean()))
