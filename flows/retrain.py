@@ -13,7 +13,15 @@ classifier only when it beats the champion.
    `margin`. The decision and both figures go to the flow's result and the MLflow parent run.
 5. Optionally `dvc push` to the configured remote.
 
-Every stage's MLflow run nests under the flow's parent run (PIPELINE_PARENT_RUN_ID).
+Stages on the right workers: with `gpu_deployment` (a deployment of `run_stages` below, on a GPU work
+pool), the stages in `gpu_stages` leave this flow's machine. The flow pushes its outputs to the DVC
+remote and hands the deployment the stage names, its git commit, params.yaml, dvc.lock and the
+metrics (the outputs DVC leaves to git); the GPU worker, in its own checkout at that commit, pulls what
+the stages read, runs them, pushes what they wrote and hands back its dvc.lock and metrics (a Prefect
+artifact of its flow run); the flow writes them and pulls the outputs. Data and models move only
+through the DVC remote; dvc.lock stays one unbroken record.
+
+Every stage's MLflow run nests under the flow's parent run (PIPELINE_PARENT_RUN_ID), on any worker.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from pipeline.config import load_config, project_root
 
 STAGES = ("ingest", "clean", "clean_labeled", "tokenize", "tokenize_labeled", "cooccur", "glove", "skipgram",
           "cbow", "cooccur_token", "glove_token", "pretrain", "finetune", "autoencode", "evaluate")
+GPU_STAGES = ("pretrain", "finetune", "autoencode", "evaluate")  # the stages that train or run a network
 
 
 def dvc(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -90,6 +99,37 @@ def run_stage(project: Path, stage: str) -> float:
     return seconds
 
 
+def remote_name(project: Path) -> str:
+    """The default DVC remote as `name (url)`, for messages; `(none)` when none is configured."""
+    found = dvc(project, "remote", "default")
+    name = found.stdout.strip()
+    if found.returncode != 0 or not name:  # "No default remote set", exit 1
+        return "(none)"
+    url = dvc(project, "config", f"remote.{name}.url").stdout.strip()
+    endpoint = dvc(project, "config", f"remote.{name}.endpointurl").stdout.strip()
+    return f"{name} ({url}{' at ' + endpoint if endpoint else ''})"
+
+
+@task(retries=1, retry_delay_seconds=10)
+def dvc_push(project: Path, *targets: str) -> None:
+    """`dvc push` (of `targets`' outputs, or of everything); a failure names the remote and leaves the
+    workspace and cache as they were."""
+    result = dvc(project, "push", *targets)
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        raise RuntimeError(f"dvc push to remote {remote_name(project)} failed: "
+                           f"{lines[-1] if lines else 'exit ' + str(result.returncode)}")
+
+
+@task(retries=1, retry_delay_seconds=10)
+def dvc_pull(project: Path, *args: str) -> None:
+    result = dvc(project, "pull", *args)
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        raise RuntimeError(f"dvc pull from remote {remote_name(project)} failed: "
+                           f"{lines[-1] if lines else 'exit ' + str(result.returncode)}")
+
+
 @task
 def detect_changes(project: Path) -> list[str]:
     result = dvc(project, "status", "--json")
@@ -131,15 +171,127 @@ def promotion_gate(project: Path, metric: str, margin: float) -> dict[str, Any]:
     return decision
 
 
+def stage_groups(stages: list[str], away: set[str]) -> list[tuple[bool, list[str]]]:
+    """Consecutive runs of `stages`, each marked whether it runs away (in `away`) or here."""
+    groups: list[tuple[bool, list[str]]] = []
+    for stage in stages:
+        if groups and groups[-1][0] == (stage in away):
+            groups[-1][1].append(stage)
+        else:
+            groups.append((stage in away, [stage]))
+    return groups
+
+
+def handoff_key(flow_run_id: str) -> str:
+    return f"handoff-{flow_run_id}"
+
+
+def handoff_files(project: Path) -> dict[str, str]:
+    """What travels with a hand-off besides the DVC remote: params.yaml, dvc.lock and the outputs DVC
+    leaves to git (`cache: false`: the metrics and plots)."""
+    from dvc.repo import Repo
+
+    with Repo(str(project)) as repo:
+        outs = [out for stage in repo.index.stages for out in stage.outs]
+        uncached = [Path(out.fs_path) for out in outs if not out.use_cache]
+    paths = [project / "params.yaml", project / "dvc.lock", *sorted(uncached)]
+    return {Path(os.path.relpath(p, project)).as_posix(): p.read_text() for p in paths if p.is_file()}
+
+
+def within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder + os.sep)
+
+
+def stage_inputs(project: Path, stages: list[str]) -> list[str]:
+    """The cached outputs of other stages that `stages` read: what a worker pulls to run them."""
+    from dvc.repo import Repo
+
+    with Repo(str(project)) as repo:
+        everything = repo.index.stages
+        reads = [str(dep.fs_path) for stage in everything if stage.name in stages for dep in stage.deps]
+        made_elsewhere = [str(out.fs_path) for stage in everything if stage.name not in stages
+                          for out in stage.outs if out.use_cache]
+    needed = {out for out in made_elsewhere for dep in reads if within(dep, out) or within(out, dep)}
+    return sorted(os.path.relpath(out, project) for out in needed)
+
+
+def write_files(project: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(f"a hand-off file outside the project: {name}")
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(text)
+
+
+def run_away(project: Path, stages: list[str], deployment: str, parent_run_id: str) -> dict[str, float]:
+    """`stages` on a worker of `deployment`: push what they read, wait for its run, take back its
+    dvc.lock and metrics and pull what they wrote."""
+    from prefect.artifacts import Artifact
+    from prefect.deployments import run_deployment
+
+    dvc_push(project)
+    parameters = {"stages": stages, "files": handoff_files(project),
+                  "commit": tracking.git_state(project)["git.commit"], "parent_run_id": parent_run_id}
+    flow_run = run_deployment(deployment, parameters=parameters, timeout=None)
+    if flow_run.state is None or not flow_run.state.is_completed():
+        state = flow_run.state.name if flow_run.state else "unknown"
+        raise RuntimeError(f"stages {', '.join(stages)} on {deployment} ended {state}")
+    artifact = Artifact.get(handoff_key(str(flow_run.id)))
+    if artifact is None or not isinstance(artifact.data, str):
+        raise RuntimeError(f"the run of {deployment} left no hand-off artifact")
+    handoff = json.loads(artifact.data.removeprefix("```json\n").removesuffix("\n```"))
+    write_files(project, handoff["files"])
+    dvc_pull(project, *stages)
+    return {stage: float(seconds) for stage, seconds in handoff["durations"].items()}
+
+
+@flow(name="run-stages", log_prints=True)
+def run_stages(stages: list[str], files: dict[str, str], commit: str = "", parent_run_id: str = "",
+               project: str | None = None) -> dict[str, float]:
+    """A worker's part of `retrain`: in this checkout (at the caller's `commit`), with the caller's
+    params.yaml, dvc.lock and metrics (`files`), pull what `stages` read from the DVC remote, run them,
+    push what they wrote; the new dvc.lock and metrics go back as this flow run's artifact."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.runtime import flow_run
+
+    root = Path(project).resolve() if project else project_root()
+    head = tracking.git_state(root)["git.commit"]
+    if commit and head != commit:
+        raise RuntimeError(f"this worker's checkout {root} is at commit {head[:12]}, the flow's at "
+                           f"{commit[:12]}: check out the same commit")
+    if "dvc.lock" not in files:
+        (root / "dvc.lock").unlink(missing_ok=True)
+    write_files(root, files)
+    dvc_pull(root, "--allow-missing", *stage_inputs(root, stages))
+    if parent_run_id:
+        os.environ[tracking.PARENT_RUN_ENV] = parent_run_id
+    durations = {stage: run_stage(root, stage) for stage in stages}
+    dvc_push(root, *stages)
+    handoff = json.dumps({"files": handoff_files(root), "durations": durations}, indent=1)
+    create_markdown_artifact(markdown=f"```json\n{handoff}\n```", key=handoff_key(str(flow_run.id)),
+                             description=f"dvc.lock and metrics after {', '.join(stages)}")
+    return durations
+
+
 @flow(name="retrain", log_prints=True)
 def retrain(project: str | None = None, overrides: list[str] | None = None, push: bool = False,
-            metric: str = "macro_f1", margin: float = 0.0) -> State | dict[str, Any]:
+            metric: str = "macro_f1", margin: float = 0.0, gpu_deployment: str | None = None,
+            gpu_stages: list[str] | None = None, pull: bool = False) -> State | dict[str, Any]:
     """Retrain what changed, stage by stage, then gate the classifier's promotion to `champion`.
-    `project`: the project directory (default: the one around the current directory)."""
+    `project`: the project directory (default: the one around the current directory);
+    `gpu_deployment`: a deployment of `run_stages` that runs `gpu_stages` (default GPU_STAGES) there;
+    `pull`: first fetch the outputs dvc.lock names from the remote (a fresh container or clone then
+    reruns only what changed); `push`: push every output at the end."""
     root = Path(project).resolve() if project else project_root()
     if overrides:
         apply_overrides(root / "params.yaml", overrides)
     cfg = load_config(root / "params.yaml")
+    if (push or pull or gpu_deployment) and remote_name(root) == "(none)":
+        raise RuntimeError("pull, push and stages on other workers need a default DVC remote "
+                           "(dvc remote add -d NAME URL)")
+    if pull:
+        dvc_pull(root, "--allow-missing")
+    away = set(gpu_stages if gpu_stages is not None else GPU_STAGES) if gpu_deployment else set()
     with tracking.pipeline_run(cfg.tracking, "retrain", {"trigger": "prefect"}) as parent:
         durations = {"ingest": run_stage(root, "ingest")}
         changed = detect_changes(root)
@@ -147,13 +299,14 @@ def retrain(project: str | None = None, overrides: list[str] | None = None, push
             parent.set_tags({"outcome": "nothing to retrain"})
             return Completed(name="NothingToRetrain", message="raw sources, code and params match dvc.lock",
                              data={"outcome": "nothing to retrain", "durations": durations})
-        for stage in STAGES[1:]:
-            durations[stage] = run_stage(root, stage)
+        for is_away, group in stage_groups(list(STAGES[1:]), away):
+            if is_away and gpu_deployment:
+                durations.update(run_away(root, group, gpu_deployment, parent.run_id or ""))
+            else:
+                durations.update({stage: run_stage(root, stage) for stage in group})
         decision = promotion_gate(root, metric, margin)
         if push:
-            result = dvc(root, "push")
-            if result.returncode != 0:
-                raise RuntimeError(f"dvc push failed:\n{result.stderr[-4000:]}")
+            dvc_push(root)
         parent.log_metrics({f"seconds_{stage}": s for stage, s in durations.items()})
         parent.log_metrics({"new_score": decision["new_score"], "promoted": float(decision["promoted"])})
         parent.set_tags({"outcome": "retrained", "changed": ",".join(changed),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, load_config
 from pipeline.files import InputError
+from pipeline.tracking import TrackingError
 
 
 def stage_main(
@@ -20,8 +21,8 @@ def stage_main(
     choices: dict[str, tuple[str, ...]] | None = None,
 ) -> int:
     """Parse `--params` (and each of `choices` as `--name`, its first value the default), run
-    `execute(config, **choices)` and print its summary line; a bad input or config (or one of
-    `errors`) prints one `error: ...` line and exits 2."""
+    `execute(config, **choices)` and print its summary line; a bad input or config, an unreachable tracking
+    server (or one of `errors`) prints one `error: ...` line and exits 2."""
     description = (doc or stage).strip().split("\n")[0]
     parser = argparse.ArgumentParser(prog=f"python -m pipeline.stages.{stage}", description=description)
     parser.add_argument("--params", type=Path, default=None,
@@ -32,7 +33,7 @@ def stage_main(
     chosen = {name: getattr(args, name) for name in choices or {}}
     try:
         summary = execute(load_config(args.params), **chosen)
-    except (InputError, ConfigError, *errors) as exc:
+    except (InputError, ConfigError, TrackingError, *errors) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if summary:

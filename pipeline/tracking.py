@@ -2,8 +2,9 @@
 
 The store defaults to a SQLite file at an absolute path inside the project, so queued `dvc exp`
 runs (which execute in temporary copies of the workspace) still log to the one store;
-`MLFLOW_TRACKING_URI` or `tracking.uri` override it. A stage run nests under the pipeline run named
-by `PIPELINE_PARENT_RUN_ID` when that is set.
+`MLFLOW_TRACKING_URI` or `tracking.uri` override it (an `http://` tracking server: its health is
+checked before a stage starts, and any failure to reach it is one `TrackingError` line naming it).
+A stage run nests under the pipeline run named by `PIPELINE_PARENT_RUN_ID` when that is set.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import json
 import os
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -42,6 +45,35 @@ def store_root(root: Path | None = None) -> Path:
 
 def tracking_uri(cfg: Tracking) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri or f"sqlite:///{store_root() / 'mlflow.db'}"
+
+
+class TrackingError(RuntimeError):
+    """The tracking store could not be reached or refused a call: one line naming the store."""
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, before a stage's work, when an HTTP tracking server does not answer its health check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            pass
+    except (OSError, urllib.error.URLError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason}); start it, or run "
+                            "with tracking.enabled: false") from None
+
+
+@contextlib.contextmanager
+def tracking_errors(uri: str) -> Iterator[None]:
+    """Any failure of a tracking call as one line naming the store (MLflow's own message is a page)."""
+    try:
+        yield
+    except TrackingError:
+        raise
+    except Exception as exc:
+        detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise TrackingError(f"MLflow tracking at {uri} failed: {detail}") from exc
 
 
 def git_state(root: Path | None = None) -> dict[str, str]:
@@ -93,6 +125,9 @@ class StageRun:
         self.run_id = run_id
         self._pending: list[Metric] = []
 
+    def errors(self) -> contextlib.AbstractContextManager[None]:
+        return tracking_errors(str(self.client.tracking_uri)) if self.client else contextlib.nullcontext()
+
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         if self.client is None:
             return
@@ -106,22 +141,40 @@ class StageRun:
 
     def flush(self) -> None:
         while self._pending and self.client is not None:
-            batch, self._pending = self._pending[:METRIC_BATCH], self._pending[METRIC_BATCH:]
-            self.client.log_batch(self.run_id, metrics=batch)
+            batch = self._pending[:METRIC_BATCH]
+            with self.errors():
+                self.client.log_batch(self.run_id, metrics=batch)
+            self._pending = self._pending[METRIC_BATCH:]  # kept if the call failed: a later flush retries
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         if self.client is not None:
             from mlflow.entities import RunTag
 
-            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            with self.errors():
+                self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.client is None:
             return
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        with self.errors():
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            else:
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def end(self, status: str) -> None:
+        """Flush and close the run; on a failed stage (`status` FAILED) best effort, never masking
+        the stage's own error."""
+        if self.client is None:
+            return
+        if status == "FAILED":
+            with contextlib.suppress(Exception):
+                self.flush()
+                self.client.set_terminated(self.run_id, status)
+            return
+        self.flush()
+        with self.errors():
+            self.client.set_terminated(self.run_id, status)
 
 
 @contextlib.contextmanager
@@ -139,26 +192,27 @@ def stage_run(
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri(cfg))
+    uri = tracking_uri(cfg)
+    check_reachable(uri)
+    client = MlflowClient(uri)
     tags = {"stage": stage, "mlflow.runName": stage, **git_state()}
     if parent := os.environ.get(PARENT_RUN_ENV):
         tags["mlflow.parentRunId"] = parent
     digests = {name: path_md5(p) for name, p in inputs.items() if p.exists()}
     tags.update({f"input.{name}.md5": md5 for name, md5 in digests.items()})
-    run = client.create_run(experiment_id(client, cfg.experiment), tags=tags)
-    run_id = run.info.run_id
-    log_input_datasets(client, run_id, digests, inputs)
-    client.log_batch(run_id, params=[Param(k, v) for k, v in flatten(params).items()])
+    with tracking_errors(uri):
+        run = client.create_run(experiment_id(client, cfg.experiment), tags=tags)
+        run_id = run.info.run_id
+        log_input_datasets(client, run_id, digests, inputs)
+        client.log_batch(run_id, params=[Param(k, v) for k, v in flatten(params).items()])
     tracked = StageRun(client, run_id)
     try:
         yield tracked
-        tracked.flush()
-        tracked.set_tags({f"output.{n}.md5": path_md5(p) for n, p in outputs.items() if p.exists()})
-        client.set_terminated(run_id, "FINISHED")
     except BaseException:
-        tracked.flush()
-        client.set_terminated(run_id, "FAILED")
+        tracked.end("FAILED")
         raise
+    tracked.set_tags({f"output.{n}.md5": path_md5(p) for n, p in outputs.items() if p.exists()})
+    tracked.end("FINISHED")
 
 
 def numeric_leaves(data: Mapping[str, Any]) -> dict[str, float]:
@@ -179,19 +233,20 @@ def pipeline_run(cfg: Tracking, name: str, tags: Mapping[str, str] | None = None
         return
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri(cfg))
-    run = client.create_run(experiment_id(client, cfg.experiment),
-                            tags={"mlflow.runName": name, "kind": "pipeline", **git_state(), **(tags or {})})
+    uri = tracking_uri(cfg)
+    check_reachable(uri)
+    client = MlflowClient(uri)
+    with tracking_errors(uri):
+        tags = {"mlflow.runName": name, "kind": "pipeline", **git_state(), **(tags or {})}
+        run = client.create_run(experiment_id(client, cfg.experiment), tags=tags)
     previous = os.environ.get(PARENT_RUN_ENV)
     os.environ[PARENT_RUN_ENV] = run.info.run_id
     tracked = StageRun(client, run.info.run_id)
     try:
         yield tracked
-        tracked.flush()
-        client.set_terminated(run.info.run_id, "FINISHED")
+        tracked.end("FINISHED")
     except BaseException:
-        tracked.flush()
-        client.set_terminated(run.info.run_id, "FAILED")
+        tracked.end("FAILED")
         raise
     finally:
         if previous is None:
@@ -267,7 +322,7 @@ def register_model(run: StageRun, directory: Path, name: str, kind: str) -> str 
 
     mlflow.set_tracking_uri(run.client.tracking_uri)
     code = Path(__file__).with_name("pyfunc_entry.py")  # models from code: nothing is pickled
-    with mlflow.start_run(run_id=run.run_id), quiet_model_logging():
+    with run.errors(), mlflow.start_run(run_id=run.run_id), quiet_model_logging():
         info = mlflow.pyfunc.log_model(name=kind, python_model=str(code), artifacts={kind: str(directory)},
                                        model_config={"kind": kind}, pip_requirements=MODEL_REQUIREMENTS,
                                        registered_model_name=name)
@@ -301,8 +356,9 @@ def tag_model_version(run: StageRun, name: str, directory: Path, tags: Mapping[s
     if run.client is None:
         return None
     version = version_with_md5(run.client, name, path_md5(directory))
-    for key, value in (tags.items() if version else ()):
-        run.client.set_model_version_tag(name, version, key, str(value))
+    with run.errors():
+        for key, value in (tags.items() if version else ()):
+            run.client.set_model_version_tag(name, version, key, str(value))
     return version
 
 

@@ -10,6 +10,8 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 import copy
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +93,50 @@ def small_project(tiny_project, tmp_path_factory) -> tuple[Path, dict[str, Any]]
     cfg = parse_config(params)
     tokenize_all(cfg, small / "clean", small, small)
     return small, params
+
+
+def tiny_pipeline(root: Path, git: bool = False) -> Path:
+    """A copy of this repository's pipeline files with a tiny configuration, as its own DVC project
+    (with `git`, also a git repository with the copy committed)."""
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.split()
+    for name in files:
+        # metrics/backbones.json: the backbone comparison (benchmarks/backbones.py) the report shows
+        if name.startswith(("pipeline/", "flows/", "models/", "inputs/")) or name in (
+                "dvc.yaml", "params.yaml", "prefect.yaml", "metrics/backbones.json"):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(REPO / name, root / name)
+    lines = resolve_package_path(SENTIMENT_CSV).read_bytes().split(b"\r\n")
+    (root / "sentiment.csv").write_bytes(b"\r\n".join([lines[0], *lines[1:-1:40]]) + b"\r\n")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"]["sources"][1]["path"] = "sentiment.csv"
+    params["tokenize"].update(vocab_size=512, shard_tokens=16384)
+    params["glove"].update(epochs=2, dim=16)
+    params["word2vec"].update(epochs=2, dim=16, workers=1)
+    params["pretrain"].update(model={"arch": "gpt", "context": 32, "n_layer": 1, "n_head": 2, "n_embd": 32},
+                              max_steps=6, eval_every=3, eval_windows=4, checkpoint_every=3, warmup_steps=1)
+    params["finetune"].update(max_examples=64, epochs=1, eval_every=2, checkpoint_every=2)
+    params["evaluate"].update(samples=["The"], sample_tokens=4)
+    params["autoencode"].update(n_embd=16, n_hidden=32, code=8, latent=4, steps=4, gan_steps=3,
+                                critic_steps=2, batch_size=8, checkpoint_every=2, warmup_steps=1,
+                                kl_anneal_steps=2, eval_sentences=20, iwae_samples=2, samples=10,
+                                max_tokens=16)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if not git:
+        subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "--quiet"], cwd=root, check=True)
+        return root
+    subprocess.run(["git", "init", "--quiet", "--initial-branch", "main"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--quiet"], cwd=root, check=True)
+    (root / ".gitignore").write_text("mlflow.db\nmlruns/\ncheckpoints/\n")
+    commit(root, "a tiny pipeline")
+    return root
+
+
+def commit(root: Path, message: str) -> None:
+    """Commit everything in the repository at `root` (an author set here: CI may have none)."""
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.org", "commit", "--quiet",
+                    "-m", message], cwd=root, check=True)
 
 
 class Interrupt(Exception):

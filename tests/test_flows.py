@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import tiny_pipeline
 from prefect import flow
 from prefect.testing.utilities import prefect_test_harness
 
@@ -33,36 +34,6 @@ def prefect_server():
         yield
 
 
-def tiny_project(root: Path) -> Path:
-    """A copy of this repository's tracked files with a tiny configuration, as its own DVC project."""
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
-                           check=True).stdout.split()
-    for name in files:
-        # metrics/backbones.json: the backbone comparison (benchmarks/backbones.py) the report shows
-        if name.startswith(("pipeline/", "flows/", "models/", "inputs/")) or name in (
-                "dvc.yaml", "params.yaml", "metrics/backbones.json"):
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(REPO / name, root / name)
-    lines = resolve_package_path(SENTIMENT_CSV).read_bytes().split(b"\r\n")
-    (root / "sentiment.csv").write_bytes(b"\r\n".join([lines[0], *lines[1:-1:40]]) + b"\r\n")
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["data"]["sources"][1]["path"] = "sentiment.csv"
-    params["tokenize"].update(vocab_size=512, shard_tokens=16384)
-    params["glove"].update(epochs=2, dim=16)
-    params["word2vec"].update(epochs=2, dim=16, workers=1)
-    params["pretrain"].update(model={"arch": "gpt", "context": 32, "n_layer": 1, "n_head": 2, "n_embd": 32},
-                              max_steps=6, eval_every=3, eval_windows=4, checkpoint_every=3, warmup_steps=1)
-    params["finetune"].update(max_examples=64, epochs=1, eval_every=2, checkpoint_every=2)
-    params["evaluate"].update(samples=["The"], sample_tokens=4)
-    params["autoencode"].update(n_embd=16, n_hidden=32, code=8, latent=4, steps=4, gan_steps=3,
-                                critic_steps=2, batch_size=8, checkpoint_every=2, warmup_steps=1,
-                                kl_anneal_steps=2, eval_sentences=20, iwae_samples=2, samples=10,
-                                max_tokens=16)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "--quiet"], cwd=root, check=True)
-    return root
-
-
 def params_source(project: Path, index: int) -> str:
     return yaml.safe_load((project / "params.yaml").read_text())["data"]["sources"][index]["path"]
 
@@ -72,7 +43,7 @@ def test_the_flow_runs_every_stage_then_finds_nothing_to_retrain(prefect_server,
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    project = tiny_project(tmp_path / "project")
+    project = tiny_pipeline(tmp_path / "project")
     result = retrain_module.retrain(project=str(project))
     assert result["outcome"] == "retrained"
     assert list(result["durations"]) == list(retrain_module.STAGES)
@@ -240,16 +211,23 @@ def test_deployments_load_and_validate():
     from prefect.flows import load_flow_from_entrypoint
 
     config = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    assert {d["work_pool"]["name"] for d in config["deployments"]} == {"gpu-pool", "k8s-gpu-pool"}
+    assert {d["work_pool"]["name"] for d in config["deployments"]} == {"gpu-pool", "k8s-gpu-pool", "cpu-pool"}
+    names = {d["name"] for d in config["deployments"]}
     for deployment in config["deployments"]:
         loaded = load_flow_from_entrypoint(str(REPO / deployment["entrypoint"]))
-        assert loaded.name == "retrain"
-        (schedule,) = deployment["schedules"]
-        CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
-        built = loaded.to_deployment(name=deployment["name"], cron=schedule["cron"],
-                                     parameters=deployment["parameters"], concurrency_limit=1,
+        assert loaded.name in ("retrain", "run-stages")
+        schedules = deployment.get("schedules", [])
+        for schedule in schedules:
+            CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
+        cron = schedules[0]["cron"] if schedules else None
+        built = loaded.to_deployment(name=deployment["name"], cron=cron,
+                                     parameters=deployment.get("parameters", {}), concurrency_limit=1,
                                      work_pool_name=deployment["work_pool"]["name"])
-        assert built.concurrency_limit == 1 and built.parameters == deployment["parameters"]
+        assert built.concurrency_limit == 1 and built.parameters == deployment.get("parameters", {})
+        handed_to = deployment.get("parameters", {}).get("gpu_deployment")
+        if handed_to:  # `flow/deployment` of a run-stages deployment in this file
+            flow_name, name = handed_to.split("/")
+            assert flow_name == "run-stages" and name in names
     template = json.loads((REPO / "flows" / "k8s-gpu-job-template.json").read_text())
     container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"

@@ -74,3 +74,23 @@ def test_queued_experiments_log_to_the_project_store(tmp_path: Path) -> None:
     copy = tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "tmpab12cd"
     assert tracking.store_root(copy) == tmp_path / "proj"
     assert tracking.store_root(tmp_path / "proj") == tmp_path / "proj"
+
+
+def test_an_unreachable_tracking_server_stops_a_stage_before_its_work_in_one_line(monkeypatch) -> None:
+    import socket
+
+    import pytest
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    worked = []
+    with pytest.raises(tracking.TrackingError) as refused, \
+            tracking.stage_run("demo", Tracking(experiment="t"), {}, {}, {}):
+        worked.append(True)
+    assert not worked and "\n" not in str(refused.value)
+    assert str(refused.value).startswith(f"MLflow tracking server {dead} is unreachable (")
+    with pytest.raises(tracking.TrackingError, match=f"MLflow tracking at {dead} failed: [^\n]*$"), \
+            tracking.tracking_errors(dead):
+        raise RuntimeError("API request to ... failed\nwith a page of detail")
