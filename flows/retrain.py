@@ -110,24 +110,26 @@ def remote_name(project: Path) -> str:
     return f"{name} ({url}{' at ' + endpoint if endpoint else ''})"
 
 
-@task(retries=1, retry_delay_seconds=10)
-def dvc_push(project: Path, *targets: str) -> None:
-    """`dvc push` (of `targets`' outputs, or of everything); a failure names the remote and leaves the
-    workspace and cache as they were."""
-    result = dvc(project, "push", *targets)
+def transfer(project: Path, command: str, *args: str) -> None:
+    """`dvc push` or `dvc pull`; a failure is one line naming the remote (DVC leaves the workspace and
+    cache as they were)."""
+    result = dvc(project, command, *args)
     if result.returncode != 0:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
-        raise RuntimeError(f"dvc push to remote {remote_name(project)} failed: "
+        direction = "to" if command == "push" else "from"
+        raise RuntimeError(f"dvc {command} {direction} remote {remote_name(project)} failed: "
                            f"{lines[-1] if lines else 'exit ' + str(result.returncode)}")
+
+
+@task(retries=1, retry_delay_seconds=10)
+def dvc_push(project: Path, *targets: str) -> None:
+    """Push the outputs of `targets` (default: every output in dvc.lock)."""
+    transfer(project, "push", *targets)
 
 
 @task(retries=1, retry_delay_seconds=10)
 def dvc_pull(project: Path, *args: str) -> None:
-    result = dvc(project, "pull", *args)
-    if result.returncode != 0:
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        raise RuntimeError(f"dvc pull from remote {remote_name(project)} failed: "
-                           f"{lines[-1] if lines else 'exit ' + str(result.returncode)}")
+    transfer(project, "pull", *args)
 
 
 @task
