@@ -26,6 +26,7 @@ Every stage's MLflow run nests under the flow's parent run (PIPELINE_PARENT_RUN_
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -175,13 +176,7 @@ def promotion_gate(project: Path, metric: str, margin: float) -> dict[str, Any]:
 
 def stage_groups(stages: list[str], away: set[str]) -> list[tuple[bool, list[str]]]:
     """Consecutive runs of `stages`, each marked whether it runs away (in `away`) or here."""
-    groups: list[tuple[bool, list[str]]] = []
-    for stage in stages:
-        if groups and groups[-1][0] == (stage in away):
-            groups[-1][1].append(stage)
-        else:
-            groups.append((stage in away, [stage]))
-    return groups
+    return [(is_away, list(group)) for is_away, group in itertools.groupby(stages, lambda s: s in away)]
 
 
 def handoff_key(flow_run_id: str) -> str:

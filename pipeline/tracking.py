@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import time
-import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Iterator, Mapping
@@ -58,7 +57,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
             pass
-    except (OSError, urllib.error.URLError) as exc:
+    except OSError as exc:  # URLError included
         reason = getattr(exc, "reason", exc)
         raise TrackingError(f"MLflow tracking server {uri} is unreachable ({reason}); start it, or run "
                             "with tracking.enabled: false") from None
@@ -237,8 +236,8 @@ def pipeline_run(cfg: Tracking, name: str, tags: Mapping[str, str] | None = None
     check_reachable(uri)
     client = MlflowClient(uri)
     with tracking_errors(uri):
-        tags = {"mlflow.runName": name, "kind": "pipeline", **git_state(), **(tags or {})}
-        run = client.create_run(experiment_id(client, cfg.experiment), tags=tags)
+        run_tags = {"mlflow.runName": name, "kind": "pipeline", **git_state(), **(tags or {})}
+        run = client.create_run(experiment_id(client, cfg.experiment), tags=run_tags)
     previous = os.environ.get(PARENT_RUN_ENV)
     os.environ[PARENT_RUN_ENV] = run.info.run_id
     tracked = StageRun(client, run.info.run_id)
