@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from pipeline.configbase import OptionalInput, Section
+from pipeline.configbase import Distributed, OptionalInput, Section
 from pipeline.configerrors import describe_error
 from pipeline.configfamilies import (
     Autoencode,
@@ -131,13 +131,12 @@ class Split(Section):
         return self
 
 
-class Clean(Section):
+class Clean(Distributed):
     filters: Filters = Filters()
     dedup: Dedup = Dedup()
     split: Split = Split()
-    workers: int = Field(0, ge=0, description="processes for wikitext parsing; 0 = all cores")
-    executor: Literal["local", "dask"] = "local"  # dask: at `scheduler`, or a local cluster of `workers`
-    scheduler: str | None = Field(None, description="a Dask scheduler's address (executor dask)")
+    workers: int = Field(0, ge=0, description="processes for wikitext parsing (or of a local Dask cluster); "
+                         "0 = all cores")
     batch_pages: int = Field(64, ge=1, description="pages handed to a worker at a time")
     row_group_rows: int = Field(
         1024, ge=1, description="Parquet rows per row group: readers hold one group in memory at a time"
@@ -160,8 +159,9 @@ class Data(Section):
 # ---------------------------------------------------------------- tokenize
 
 
-class Tokenize(Section):
-    """Byte-level BPE trained on the train split, and the token shards it encodes."""
+class Tokenize(Distributed):
+    """Byte-level BPE trained on the train split, and the token shards it encodes (the encoding on a
+    Dask cluster with `executor: dask`)."""
 
     vocab_size: int = Field(8192, ge=1, le=2**32, description="tokens, special tokens included")
     min_frequency: int = Field(2, ge=1, description="minimum pair count for a merge")
@@ -170,7 +170,10 @@ class Tokenize(Section):
     mask_token: str = Field("<|mask|>", min_length=1, description="hides tokens in masked-language modelling")
     tokenizer_file: str | None = Field(None, description="reuse this tokenizer.json instead of training")
     shard_tokens: int = Field(1_048_576, ge=1024, description="tokens per shard (the last is shorter)")
-    batch_documents: int = Field(256, ge=1, description="documents encoded per encode_batch call")
+    batch_documents: int = Field(256, ge=1, description="documents encoded per encode_batch call "
+                                 "(executor dask: per task)")
+    workers: int = Field(0, ge=0, description="processes of a local Dask cluster (executor dask, no "
+                         "scheduler); 0 = all cores")
     max_length: int = Field(128, ge=2, description="labeled examples are truncated to this many tokens")
     include_labeled_train: OptionalInput = Field(
         "inputs/none", description="domain-adaptive pretraining: a labeled set (paths.clean/labeled.parquet) "

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 
 class Section(BaseModel):
@@ -19,3 +19,12 @@ def _path_not_switch(value: Any) -> Any:
 
 # An input a stage reads only when asked: its path, or paths.no_input (DVC then depends on that instead)
 OptionalInput = Annotated[str, BeforeValidator(_path_not_switch)]
+
+
+class Distributed(Section):
+    """A data stage whose pieces of work can run on a Dask cluster: `local` (this machine's processes
+    or threads) or `dask` (the scheduler at `scheduler`, or a local cluster the stage starts). The
+    output bytes are the same either way."""
+
+    executor: Literal["local", "dask"] = "local"
+    scheduler: str | None = Field(None, description="a Dask scheduler's address (executor dask)")

@@ -7,22 +7,26 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.configbase import OptionalInput, Section
+from pipeline.configbase import Distributed, OptionalInput, Section
 
 # ---------------------------------------------------------------- co-occurrence and GloVe
 
 GENSIM_TEST_DATA = "pkg://gensim/test/test_data"
 
 
-class Cooccur(Section):
+class Cooccur(Distributed):
     """Co-occurrence counts over the train split, with the semantics of Stanford GloVe's `cooccur`,
-    for two units: words of the clean text (stage `cooccur`) and BPE ids of the shards (`cooccur_token`)."""
+    for two units: words of the clean text (stage `cooccur`) and BPE ids of the shards (`cooccur_token`).
+    With `executor: dask`, splitting texts into words and counting batches of documents run on the
+    cluster; the stage's process merges the counts."""
 
     # The 1/d weights are summed exactly as integers over lcm(1..window): 24 keeps that in int64.
     window: int = Field(24, ge=1, le=24, description="units each side of the centre")
     min_count: int = Field(5, ge=1, description="units seen fewer times in train are dropped first")
     memory_mb: float = Field(64, gt=0, description="pair buffers (MiB), reduced and spilled when full")
-    workers: int = Field(0, ge=0, description="processes splitting words, threads counting; 0 = all cores")
+    workers: int = Field(0, ge=0, description="processes splitting words, threads counting (or processes "
+                         "of a local Dask cluster); 0 = all cores")
+    batch_texts: int = Field(256, ge=1, description="texts split into words per task (executor dask)")
 
 
 class Words(Section):

@@ -6,24 +6,30 @@ rational rounded once. As in GloVe C, pairs of frequent rows are summed in place
 keeps the columns b with (a + 1)(b + 1) <= a maximum product that fits a quarter of `memory_mb`);
 the rest accumulate in pair buffers, which are sorted, reduced and spilled to disk when full. The
 table and the spills are sorted runs, merged a block of rows at a time into the triples.
+
+A batch of documents is counted by `counted_batch` (on a thread, or on a Dask worker: it needs only the
+table's `TableLayout`) into sorted, reduced runs: its pairs outside the table, and its additions to
+table entries; this process adds and spills them. The triples are written in row groups of
+`ROW_GROUP_ENTRIES`, so the file's bytes depend on the counts alone, not on how many workers, batches
+or spills produced them.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.configfamilies import Cooccur
+from pipeline.executors import OrderedMap
 from pipeline.progress import Progress
 
 BYTES_PER_PAIR = 8 * 3  # an int64 code, its sorted copy, and the keys and weights unpacked from it
@@ -32,6 +38,7 @@ TABLE_SHARE = 4  # the table takes 1/4 of the counting memory, the pair buffers 
 MAX_TABLE_ENTRIES = 1 << 23  # 64 MiB: past that its random adds miss the cache more than sorting costs
 MAX_BATCH_UNITS = 1 << 16  # larger batches gain nothing and leave workers idle
 MAX_BUFFER_PAIRS = 1 << 20  # nor do larger buffers: one merge of everything at the end is slower
+ROW_GROUP_ENTRIES = 1 << 20  # triples per row group of the output (16 MiB of row, col and value)
 
 Batch = tuple[np.ndarray, np.ndarray]  # rows of whole documents, and each row's document index
 
@@ -50,12 +57,23 @@ def table_entries(max_product: int, vocab_size: int) -> int:
     return int(np.minimum(max_product // np.arange(1, vocab_size + 1), vocab_size).sum())
 
 
+@dataclass(frozen=True)
+class TableLayout:
+    """What counting a batch needs: GloVe C's bigram table's shape (row a holds columns b <
+    min(V, max_product // (a + 1)) at offsets[a] + b), the window and the integer weight scale."""
+
+    vocab_size: int
+    max_product: int
+    offsets: np.ndarray
+    window: int
+    scale: int
+
+
 class PairTable:
-    """GloVe C's bigram table: row a holds columns b < widths[a] = min(V, max_product // (a + 1)) at
-    offsets[a] + b, so (a, b) is in the table exactly when (a + 1)(b + 1) <= max_product, a
+    """GloVe C's bigram table: (a, b) is in the table exactly when (a + 1)(b + 1) <= max_product, a
     symmetric condition. On Zipfian text most pairs are (76% of the default text's at 64 MB)."""
 
-    def __init__(self, vocab_size: int, max_entries: int) -> None:
+    def __init__(self, vocab_size: int, max_entries: int, window: int = 1) -> None:
         low, high = 0, vocab_size * vocab_size  # the largest product whose table fits
         while low < high:
             middle = (low + high + 1) // 2
@@ -64,11 +82,12 @@ class PairTable:
         self.vocab_size, self.max_product = vocab_size, low
         widths = np.minimum(low // np.arange(1, vocab_size + 1), vocab_size)
         self.offsets = np.concatenate([[0], np.cumsum(widths)])
+        self.layout = TableLayout(vocab_size, low, self.offsets, window, weight_scale(window))
         self.sums = np.zeros(int(self.offsets[-1]), dtype=np.int64)
 
-    def add(self, entries: list[tuple[int, np.ndarray]]) -> None:
-        for weight, where in entries:
-            np.add.at(self.sums, where, weight)
+    def add(self, positions: np.ndarray, sums: np.ndarray) -> None:
+        """Adds `sums` at `positions`, which are unique (a reduced run)."""
+        self.sums[positions] += sums
 
     def run(self) -> tuple[np.ndarray, np.ndarray]:
         """The nonzero entries as (keys row * V + col, integer sums), in key order."""
@@ -78,23 +97,26 @@ class PairTable:
         return keys.astype(code_dtype(self.vocab_size)), self.sums[filled]
 
 
-def window_pairs(rows: np.ndarray, document: np.ndarray, table: PairTable, window: int,
-                 scale: int) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
-    """Every pair within `window` in the same document, both directions: those in the table as
-    (weight, entries) per distance, the others packed as (row * V + col) << DISTANCE_BITS | d;
+def window_pairs(rows: np.ndarray, document: np.ndarray,
+                 layout: TableLayout) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair within the window in the same document, both directions, as codes: those outside
+    the table (row * V + col) << DISTANCE_BITS | d, those in it (its entry) << DISTANCE_BITS | d;
     `rows` is several documents concatenated, `document` their document index. Packing lets a plain
     sort (3x faster than an argsort) carry the distance along."""
-    size, dtype = table.vocab_size, code_dtype(table.vocab_size)
-    codes, entries = [], []
-    for d in range(1, min(window, len(rows) - 1) + 1):
+    size, dtype = layout.vocab_size, code_dtype(layout.vocab_size)
+    entry_dtype = np.uint32 if int(layout.offsets[-1]) << DISTANCE_BITS <= 2**32 else np.uint64
+    codes, tabled_codes = [], []
+    for d in range(1, min(layout.window, len(rows) - 1) + 1):
         same = document[:-d] == document[d:]
         left, right = rows[:-d][same], rows[d:][same]
-        tabled = (left + 1) * (right + 1) <= table.max_product
+        tabled = (left + 1) * (right + 1) <= layout.max_product
         a, b = left[tabled], right[tabled]
-        entries.append((scale // d, np.concatenate([table.offsets[a] + b, table.offsets[b] + a])))
+        entries = np.concatenate([layout.offsets[a] + b, layout.offsets[b] + a]).astype(entry_dtype)
+        tabled_codes.append(entries << DISTANCE_BITS | d)
         a, b = left[~tabled].astype(dtype), right[~tabled].astype(dtype)
         codes += [(a * size + b) << DISTANCE_BITS | d, (b * size + a) << DISTANCE_BITS | d]
-    return (np.concatenate(codes) if codes else np.empty(0, dtype)), entries
+    return (np.concatenate(codes) if codes else np.empty(0, dtype),
+            np.concatenate(tabled_codes) if tabled_codes else np.empty(0, entry_dtype))
 
 
 def reduce_codes(codes: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray]:
@@ -137,25 +159,33 @@ def _joined(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(rows), document
 
 
-def counted_batch(batch: tuple[np.ndarray, np.ndarray], table: PairTable, window: int,
-                  scale: int) -> tuple[np.ndarray, np.ndarray, list[tuple[int, np.ndarray]]]:
-    """A batch's pairs outside the table reduced to (keys, sums); those in it as entries to add."""
-    codes, entries = window_pairs(*batch, table, window, scale)
-    return *reduce_codes(codes, scale), entries
+class CountedBatch(NamedTuple):
+    """A batch's pairs outside the table as sorted unique keys and integer sums, and its additions to
+    the table as sorted unique entries and integer sums."""
+
+    keys: np.ndarray
+    sums: np.ndarray
+    table_entries: np.ndarray
+    table_sums: np.ndarray
+
+
+def counted_batch(batch: Batch, layout: TableLayout) -> CountedBatch:
+    """The work of one piece of the counting (on a thread, or on a Dask worker)."""
+    codes, tabled_codes = window_pairs(*batch, layout)
+    return CountedBatch(*reduce_codes(codes, layout.scale), *reduce_codes(tabled_codes, layout.scale))
 
 
 class PairCounter:
-    """Counts document batches in `workers` threads (NumPy's sort releases the GIL): pairs in the
-    table are added to it, the others reduced to sorted (key, integer sum) runs, which are merged and
-    spilled as .npy (by a worker) when they fill their share of the memory. Memory: the table,
-    `workers` batches of pairs in flight, a buffer of runs and one being spilled."""
+    """Adds counted batches (`counted_batch`, run by an ordered map: threads, or a Dask cluster) to
+    the table and buffers their other runs, which are merged and spilled as .npy (on a thread) when
+    they fill their share of the memory. Memory: the table, `workers` batches in flight, a buffer of
+    runs and one being spilled."""
 
     def __init__(
         self, vocab_size: int, window: int, memory_bytes: int, workers: int, spill_dir: Path
     ) -> None:
         self.vocab_size, self.window, self.scale = vocab_size, window, weight_scale(window)
-        self.workers = workers
-        self.table = PairTable(vocab_size, min(memory_bytes // TABLE_SHARE // 8, MAX_TABLE_ENTRIES))
+        self.table = PairTable(vocab_size, min(memory_bytes // TABLE_SHARE // 8, MAX_TABLE_ENTRIES), window)
         pair_bytes = memory_bytes - memory_bytes // TABLE_SHARE
         share = int(pair_bytes) // BYTES_PER_PAIR // (workers + 2)
         self.max_pairs = max(min(share, MAX_BUFFER_PAIRS), 2 * window)
@@ -171,19 +201,17 @@ class PairCounter:
     def units_per_batch(self) -> int:
         return min(max(self.max_pairs // (2 * self.window), 1), MAX_BATCH_UNITS)
 
-    def count(self, batches: Iterable[Batch], progress: Progress) -> None:
-        counted = functools.partial(counted_batch, table=self.table, window=self.window, scale=self.scale)
-        with ThreadPoolExecutor(self.workers) as pool:
-            in_flight: deque[Future[tuple[np.ndarray, np.ndarray, list[tuple[int, np.ndarray]]]]] = deque()
+    def count(self, batches: Iterable[Batch], progress: Progress, in_order: OrderedMap) -> None:
+        def taken() -> Iterator[Batch]:
             for batch in batches:
                 self.units += len(batch[0])
-                in_flight.append(pool.submit(counted, batch))
                 progress.update(len(batch[0]))
-                if len(in_flight) >= self.workers:
-                    self.add(*in_flight.popleft().result(), pool)
-            for future in in_flight:
-                self.add(*future.result(), pool)
-            self.spill(pool)
+                yield batch
+
+        with ThreadPoolExecutor(1) as spiller:
+            for counted in in_order(counted_batch, taken(), self.table.layout):
+                self.add(counted, spiller)
+            self.spill(spiller)
             if self.spilling is not None:
                 self.spilling.result()
         self.buffer_spills = len(self.spills)
@@ -192,16 +220,15 @@ class PairCounter:
             self.spills.append(self.spill_paths(len(self.spills)))
             write_spill(self.spills[-1], keys, sums)
 
-    def add(self, keys: np.ndarray, sums: np.ndarray, entries: list[tuple[int, np.ndarray]],
-            pool: ThreadPoolExecutor) -> None:
-        self.table.add(entries)  # in this thread only: np.add.at is not atomic
-        self.runs.append((keys, sums))
-        self.buffered += len(keys)
+    def add(self, counted: CountedBatch, spiller: ThreadPoolExecutor) -> None:
+        self.table.add(counted.table_entries, counted.table_sums)
+        self.runs.append((counted.keys, counted.sums))
+        self.buffered += len(counted.keys)
         if self.buffered >= self.max_pairs:
-            self.spill(pool)
+            self.spill(spiller)
 
-    def spill(self, pool: ThreadPoolExecutor) -> None:
-        """The buffered runs merged and written by a worker while counting goes on; one at a time."""
+    def spill(self, spiller: ThreadPoolExecutor) -> None:
+        """The buffered runs merged and written on a thread while counting goes on; one at a time."""
         if not self.buffered:
             return
         keys, sums = (np.concatenate(parts) for parts in zip(*self.runs, strict=True))
@@ -210,7 +237,7 @@ class PairCounter:
             self.spilling.result()
         paths = self.spill_paths(len(self.spills))
         self.spills.append(paths)
-        self.spilling = pool.submit(lambda: write_spill(paths, *reduce_pairs(keys, sums)))
+        self.spilling = spiller.submit(lambda: write_spill(paths, *reduce_pairs(keys, sums)))
 
     def spill_paths(self, index: int) -> tuple[Path, Path]:
         return self.spill_dir / f"keys-{index:05d}.npy", self.spill_dir / f"sums-{index:05d}.npy"
@@ -269,31 +296,48 @@ def read_range(path: Path, layout: tuple[int, np.dtype], start: int, stop: int) 
         return np.fromfile(f, dtype=dtype, count=int(stop - start))
 
 
+def fixed_size(blocks: Iterable[tuple[np.ndarray, np.ndarray]],
+               size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The blocks' (keys, sums) regrouped into pieces of exactly `size` (the last one shorter)."""
+    pending: list[tuple[np.ndarray, np.ndarray]] = []
+    held = 0
+    for keys, sums in blocks:
+        pending.append((keys, sums))
+        held += len(keys)
+        while held >= size:
+            all_keys, all_sums = (np.concatenate(parts) for parts in zip(*pending, strict=True))
+            yield all_keys[:size], all_sums[:size]
+            pending, held = [(all_keys[size:], all_sums[size:])], held - size
+    if held:
+        all_keys, all_sums = (np.concatenate(parts) for parts in zip(*pending, strict=True))
+        yield all_keys, all_sums
+
+
 def count_cooccurrences(
-    batches: Callable[[int], Iterable[Batch]], vocab_size: int, cfg: Cooccur, out_path: Path, spill_dir: Path
+    batches: Callable[[int], Iterable[Batch]], vocab_size: int, cfg: Cooccur, out_path: Path, spill_dir: Path,
+    in_order: OrderedMap,
 ) -> dict[str, Any]:
-    """Count over `batches(max_units)` (see `document_batches`), write the triples to `out_path`;
-    returns counts."""
+    """Count over `batches(max_units)` (see `document_batches`), each batch by `in_order` (an ordered
+    map of `cooccur.workers` threads, or of a Dask cluster), write the triples to `out_path`; returns
+    counts."""
     workers = cfg.workers or os.cpu_count() or 1
     counter = PairCounter(vocab_size, cfg.window, int(cfg.memory_mb * 2**20), workers, spill_dir)
     progress = Progress("cooccur", None, "unit")
-    counter.count(batches(counter.units_per_batch), progress)
+    counter.count(batches(counter.units_per_batch), progress, in_order)
     progress.close()
     schema = pa.schema([("row", pa.int32()), ("col", pa.int32()), ("value", pa.float64())])
     nnz, total = 0, 0
-    # a block is written (Arrow releases the GIL) while the next one is merged
+    # a row group is written (Arrow releases the GIL) while the next one is merged
     with pq.ParquetWriter(out_path, schema) as writer, ThreadPoolExecutor(1) as background:
         written: Future[None] | None = None
-        for keys, sums in counter.merged_blocks():
-            if not len(keys):
-                continue
+        for keys, sums in fixed_size(counter.merged_blocks(), ROW_GROUP_ENTRIES):
             table = pa.table({
                 "row": (keys // vocab_size).astype(np.int32), "col": (keys % vocab_size).astype(np.int32),
                 "value": sums / counter.scale,  # int64 / int: the exact rational, rounded once
             }, schema=schema)
             if written is not None:
                 written.result()
-            written = background.submit(writer.write_table, table)
+            written = background.submit(writer.write_table, table, row_group_size=ROW_GROUP_ENTRIES)
             nnz += len(keys)
             total += int(sums.sum())
         if written is not None:

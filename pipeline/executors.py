@@ -4,22 +4,37 @@ processes started for the stage on 127.0.0.1. Either way results come back in in
 bounded number in flight, so a stage's output is byte-identical whichever executor ran it. A Dask
 worker that dies mid-task is replaced by its nanny and the task runs again elsewhere; results
 already returned are kept.
+
+An ordered map is called as `in_order(work, items, *shared)` and yields `work(item, *shared)` for
+each item; `shared` values (a tokenizer, a table's layout) go to each Dask worker once, not with
+every task.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import multiprocessing
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal, TypeVar
 
 Item = TypeVar("Item")
-OrderedMap = Callable[[Callable[[Any], Any], Iterable[Any]], Iterator[Any]]
+OrderedMap = Callable[..., Iterator[Any]]  # (work, items, *shared) -> work(item, *shared) per item
 Executor = Literal["local", "dask"]
 IN_FLIGHT_PER_WORKER = 4  # pieces submitted ahead of the one awaited, per worker
 DASK_ATTEMPTS = 3  # runs of a task whose worker died before it is given up
+WORKER_ENVIRONMENT = {"RAYON_NUM_THREADS": 1}  # a worker is one thread (tokenizers' pool: all cores)
+
+
+def batched(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    """`items` as lists of `size` (the last one shorter): the pieces of work."""
+    it = iter(items)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
 
 
 def throttled(items: Iterable[Item], slots: threading.BoundedSemaphore) -> Iterator[Item]:
@@ -29,28 +44,59 @@ def throttled(items: Iterable[Item], slots: threading.BoundedSemaphore) -> Itera
         yield item
 
 
+def in_process_map(work: Callable[..., Any], items: Iterable[Any], *shared: Any) -> Iterator[Any]:
+    """The ordered map of one process: for work that is parallel inside (tokenizers' threads)."""
+    return (work(item, *shared) for item in items)
+
+
+def with_shared(item: Any, work: Callable[..., Any], shared: tuple[Any, ...]) -> Any:
+    return work(item, *shared)
+
+
 @contextlib.contextmanager
-def ordered_map(executor: Executor, workers: int, scheduler: str | None = None) -> Iterator[OrderedMap]:
-    """A `map(work, items)` that runs on the executor, in order, at most `IN_FLIGHT_PER_WORKER`
+def threaded_map(workers: int) -> Iterator[OrderedMap]:
+    """An ordered map on `workers` threads (for work that releases the GIL: NumPy's sorts), `workers`
+    pieces in flight."""
+    with ThreadPoolExecutor(workers) as pool:
+
+        def thread_map(work: Callable[..., Any], items: Iterable[Any], *shared: Any) -> Iterator[Any]:
+            in_flight: deque[Future[Any]] = deque()
+            for item in items:
+                in_flight.append(pool.submit(work, item, *shared))
+                if len(in_flight) >= workers:
+                    yield in_flight.popleft().result()
+            while in_flight:
+                yield in_flight.popleft().result()
+
+        yield thread_map
+
+
+@contextlib.contextmanager
+def ordered_map(executor: Executor, workers: int, scheduler: str | None = None,
+                ahead_per_worker: int = IN_FLIGHT_PER_WORKER) -> Iterator[OrderedMap]:
+    """A `map(work, items, *shared)` that runs on the executor, in order, at most `ahead_per_worker`
     pieces per worker ahead (a source is never read whole into memory)."""
     if executor == "local":
         with multiprocessing.get_context("fork").Pool(workers) as pool:
 
-            def local_map(work: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
-                slots = threading.BoundedSemaphore(IN_FLIGHT_PER_WORKER * workers)
-                for result in pool.imap(work, throttled(items, slots)):  # imap's feeder would read all
+            def local_map(work: Callable[..., Any], items: Iterable[Any], *shared: Any) -> Iterator[Any]:
+                slots = threading.BoundedSemaphore(ahead_per_worker * workers)
+                bound = functools.partial(with_shared, work=work, shared=shared)  # sent with every task
+                for result in pool.imap(bound, throttled(items, slots)):  # imap's feeder would read all
                     slots.release()
                     yield result
 
             yield local_map
         return
     with dask_client(workers, scheduler) as client:
-        ahead = IN_FLIGHT_PER_WORKER * max(len(client.scheduler_info()["workers"]), 1)
+        ahead = ahead_per_worker * max(len(client.scheduler_info()["workers"]), 1)
 
-        def dask_map(work: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+        def dask_map(work: Callable[..., Any], items: Iterable[Any], *shared: Any) -> Iterator[Any]:
+            # hash=False: a key of its own, which the release of an earlier scatter of equal data cannot take
+            on_workers = [client.scatter(value, broadcast=True, hash=False) for value in shared]
             in_flight: deque[Any] = deque()
             for item in items:
-                in_flight.append(client.submit(work, item, pure=False))
+                in_flight.append(client.submit(work, item, *on_workers, pure=False))
                 if len(in_flight) >= ahead:
                     yield in_flight.popleft().result()
             while in_flight:
@@ -70,6 +116,8 @@ def dask_client(workers: int, scheduler: str | None) -> Iterator[Any]:
             # the scheduler's streams keep their last N messages for debugging, each task's pieces
             # with them: 1.9 GiB at 100x the default dump with the default 1000
             "distributed.admin.low-level-log-length": 0,
+            "distributed.nanny.pre-spawn-environ": {
+                **dask.config.get("distributed.nanny.pre-spawn-environ"), **WORKER_ENVIRONMENT},
         }))
         if scheduler:
             yield stack.enter_context(Client(scheduler))

@@ -1,5 +1,6 @@
-"""Stages' work on a Dask cluster of worker processes on 127.0.0.1: the same bytes as the local
-executor, and a worker killed mid-task costs nothing but the rerun of its task."""
+"""Stages' work on a Dask cluster of worker processes on 127.0.0.1 (clean, tokenize, cooccur): the
+same bytes as the local executor, and a worker killed mid-task costs nothing but the rerun of its
+task."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from pathlib import Path
 import pytest
 from test_clean import csv_slice, run_stages, slice_params, wiki_slice, with_paths
 
+from pipeline import cooccurrence
 from pipeline.config import ConfigError, parse_config
 from pipeline.executors import IN_FLIGHT_PER_WORKER, ordered_map
 from pipeline.files import file_digest
+from pipeline.stages import cooccur, tokenize
 
 pytestmark = pytest.mark.slow
 
@@ -96,3 +99,43 @@ def test_an_unknown_executor_is_refused_in_one_line(slices) -> None:
     with pytest.raises(ConfigError, match=r"data\.clean\.executor") as refused:
         parse_config(params)
     assert "\n" not in str(refused.value)
+
+
+def output_digests(directory: Path) -> list[tuple[str, str]]:
+    files = [f for f in directory.rglob("*") if f.is_file()]
+    return sorted((str(f.relative_to(directory)), file_digest(f)) for f in files)
+
+
+def test_tokenize_on_a_dask_cluster_writes_the_same_bytes(tiny_project, cluster, tmp_path: Path) -> None:
+    root, params = tiny_project
+    digests = []
+    for executor in ("local", "dask"):
+        run_params = copy.deepcopy(params)
+        run_params["tokenize"].update(executor=executor, scheduler=cluster.scheduler_address,
+                                      batch_documents=8, shard_tokens=4096,
+                                      include_labeled_train=str(root / "clean" / "labeled.parquet"))
+        out = tmp_path / executor
+        tokenize.run(parse_config(run_params), root / "clean", out / "tokenizer", out / "tokens",
+                     out / "tokenize.json")
+        digests.append(output_digests(out))
+    assert len(digests[0]) > 10  # several shards per split, the tokenizer, the manifest, the metrics
+    assert digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("unit", ["word", "token"])
+def test_cooccur_on_a_dask_cluster_writes_the_same_bytes(tiny_project, cluster, tmp_path: Path,
+                                                         monkeypatch, unit: str) -> None:
+    root, params = tiny_project
+    monkeypatch.setattr(cooccurrence, "ROW_GROUP_ENTRIES", 5000)
+    results = []
+    for executor in ("local", "dask"):
+        run_params = copy.deepcopy(params)
+        # 0.5 MiB: several batches and spills; 7 texts per task: several tasks
+        run_params["cooccur"].update(executor=executor, scheduler=cluster.scheduler_address, memory_mb=0.5,
+                                     batch_texts=7)
+        out = tmp_path / executor
+        metrics = cooccur.run(parse_config(run_params), root / "clean", root / "tokenizer", root / "tokens",
+                              out / "cooccur", out / "cooccur.json", unit)
+        assert metrics["chunks"] > 1
+        results.append((output_digests(out), metrics["nnz"]))
+    assert results[0] == results[1]

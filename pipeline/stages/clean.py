@@ -30,7 +30,6 @@ import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ import pyarrow.parquet as pq
 from datasketch import MinHash, MinHashLSH
 
 from pipeline.config import Config, Dedup, Filters, Source, Split, project_root
-from pipeline.executors import ordered_map
+from pipeline.executors import batched, ordered_map
 from pipeline.files import InputError, atomic_path, resolve_paths, write_json
 from pipeline.progress import Progress
 from pipeline.sources import RawDoc, read_source
@@ -324,12 +323,6 @@ def clean_document(doc: RawDoc, dedup: Dedup | None = None, filters: Filters | N
 
 def _clean_batch(batch: list[RawDoc], dedup: Dedup, filters: Filters | None = None) -> list[CleanDoc]:
     return [clean_document(d, dedup, filters) for d in batch]
-
-
-def batched(items: Iterable[RawDoc], size: int) -> Iterator[list[RawDoc]]:
-    it = iter(items)
-    while batch := list(islice(it, size)):
-        yield batch
 
 
 # ---------------------------------------------------------------- the stage

@@ -17,6 +17,11 @@ once. Within `memory_mb`, pairs of frequent units are summed in place in a table
 others in buffers that are sorted, reduced and spilled to disk when full; the table and the spills
 are merged a block of rows at a time.
 
+Where the work runs (`cooccur.executor`): `local` splits words in `workers` processes (each reading
+every `workers`-th text) and counts batches of documents on `workers` threads; `dask` sends texts,
+`batch_texts` at a time, and batches of documents to the cluster's workers, and this process joins
+the word ids, adds the counted batches and merges. The output bytes are the same either way.
+
 Outputs in `paths.cooccur/` (tokens: `paths.cooccur_token/`): `cooccur.parquet` (`row` int32,
 `col` int32, `value` float64, sorted by row then col), `vocab.parquet` (`unit`, `count`, and
 `token_id` for tokens; row i is unit i), and `metrics/cooccur.json` (`metrics/cooccur_token.json`).
@@ -30,6 +35,7 @@ import functools
 import itertools
 import multiprocessing
 import os
+import re
 import sys
 import tempfile
 import time
@@ -44,6 +50,7 @@ import numpy as np
 from pipeline.config import Config, project_root
 from pipeline.configfamilies import Cooccur
 from pipeline.cooccurrence import Batch, count_cooccurrences, document_batches
+from pipeline.executors import OrderedMap, batched, ordered_map, threaded_map
 from pipeline.files import InputError, atomic_dir, write_json
 from pipeline.shards import TokenShards, read_manifest
 from pipeline.stagecli import stage_main
@@ -51,6 +58,7 @@ from pipeline.vectors import (
     COOCCUR_FILE,
     VOCAB_FILE,
     Vocabulary,
+    train_texts,
     word_documents,
     word_tables,
     write_vocabulary,
@@ -147,6 +155,37 @@ def read_word_ids(tables: list[Path], pattern: str, directory: Path, workers: in
     return WordIds(list(first_seen), parts)
 
 
+def split_words(texts: list[str], pattern: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Texts as lowercased `pattern` matches (the work of one Dask task): the words in order of first
+    sight, every word's index in them, each text's word count."""
+    word = re.compile(pattern)
+    first_seen: dict[str, int] = {}
+    ids: list[int] = []
+    lengths = []
+    for text in texts:
+        words = word.findall(text.lower())
+        ids += [first_seen.setdefault(w, len(first_seen)) for w in words]
+        lengths.append(len(words))
+    return list(first_seen), np.array(ids, dtype=np.int32), np.array(lengths, dtype=np.int64)
+
+
+def read_word_ids_on_cluster(tables: list[Path], pattern: str, path: Path, batch_texts: int,
+                             in_order: OrderedMap) -> WordIds:
+    """The train texts split into words on a Dask cluster, `batch_texts` per task, their ids joined
+    here into one numbering in one file."""
+    first_seen: dict[str, int] = {}
+    lengths = []
+    with open(path, "wb") as out:
+        for words, ids, text_lengths in in_order(split_words, batched(train_texts(*tables), batch_texts),
+                                                 pattern):
+            to_global = np.array([first_seen.setdefault(w, len(first_seen)) for w in words], dtype=np.int32)
+            to_global[ids].tofile(out)
+            lengths.append(text_lengths)
+    identity = np.arange(len(first_seen), dtype=np.int32)
+    return WordIds(list(first_seen), [WordIdsPart(path, np.concatenate([np.empty(0, np.int64), *lengths]),
+                                                  identity)])
+
+
 def word_vocabulary(word_ids: WordIds, cfg: Cooccur, tables: list[Path], pattern: str) -> Vocabulary:
     """Words with at least `min_count` train occurrences, by count descending, ties by the word."""
     if not word_ids.words:
@@ -223,34 +262,42 @@ def run(
     co = cfg.cooccur
     started = time.perf_counter()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stack = contextlib.ExitStack()
-    if unit == "word":
-        tables = word_tables(clean_dir, cfg.paths.given(cfg.words.include_labeled_train))
-        word_ids = read_word_ids(tables, cfg.words.pattern, Path(stack.enter_context(
-            tempfile.TemporaryDirectory(dir=out_dir.parent))), co.workers or os.cpu_count() or 1)
-        vocab = word_vocabulary(word_ids, co, tables, cfg.words.pattern)
-        check_vocabulary(vocab, co, unit)
-        batches: Callable[[int], Iterable[Batch]] = functools.partial(word_batches, word_ids, vocab)
-    else:
-        manifest = read_manifest(tokens_dir)
-        shards = TokenShards(tokens_dir, "train")
-        names = token_names(tokenizer_dir, manifest["vocab_size"])
-        specials = {manifest[k] for k in ("eot_id", "pad_id", "mask_id") if manifest.get(k) is not None}
-        vocab = token_vocabulary(shards, names, specials, co)
-        check_vocabulary(vocab, co, unit)
-        documents = token_rows(shards, vocab, manifest["vocab_size"])
-        batches = functools.partial(document_batches, documents)
-    with stack, atomic_dir(out_dir) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent) as spill:
-        write_vocabulary(vocab, tmp / VOCAB_FILE)
-        counts = count_cooccurrences(batches, len(vocab), co, tmp / COOCCUR_FILE, Path(spill))
+    workers = co.workers or os.cpu_count() or 1
+    with contextlib.ExitStack() as stack:
+        in_order = stack.enter_context(
+            threaded_map(workers) if co.executor == "local" else ordered_map("dask", workers, co.scheduler))
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=out_dir.parent)))
+        if unit == "word":
+            tables = word_tables(clean_dir, cfg.paths.given(cfg.words.include_labeled_train))
+            if co.executor == "local":
+                word_ids = read_word_ids(tables, cfg.words.pattern, scratch, workers)
+            else:
+                word_ids = read_word_ids_on_cluster(tables, cfg.words.pattern, scratch / "word_ids.int32",
+                                                    co.batch_texts, in_order)
+            vocab = word_vocabulary(word_ids, co, tables, cfg.words.pattern)
+            check_vocabulary(vocab, co, unit)
+            batches: Callable[[int], Iterable[Batch]] = functools.partial(word_batches, word_ids, vocab)
+        else:
+            manifest = read_manifest(tokens_dir)
+            shards = TokenShards(tokens_dir, "train")
+            names = token_names(tokenizer_dir, manifest["vocab_size"])
+            specials = {manifest[k] for k in ("eot_id", "pad_id", "mask_id") if manifest.get(k) is not None}
+            vocab = token_vocabulary(shards, names, specials, co)
+            check_vocabulary(vocab, co, unit)
+            documents = token_rows(shards, vocab, manifest["vocab_size"])
+            batches = functools.partial(document_batches, documents)
+        with atomic_dir(out_dir) as tmp:
+            write_vocabulary(vocab, tmp / VOCAB_FILE)
+            counts = count_cooccurrences(batches, len(vocab), co, tmp / COOCCUR_FILE, scratch, in_order)
     if not counts["nnz"]:
         raise InputError("no two in-vocabulary units share a document in train: the matrix is empty")
     metrics = {
         "unit": unit, "window": co.window, "min_count": co.min_count, "vocab_size": len(vocab),
         "nnz": counts["nnz"], "sum": round(counts["sum"], 6), "train_units_in_vocab": counts["units"],
-        "chunks": counts["chunks"],
     }
     write_json(metrics_path, metrics)
+    # not in the metrics file: they depend on the machine (cores, memory budget), not on the data
+    metrics["chunks"] = counts["chunks"]
     metrics["seconds"] = round(time.perf_counter() - started, 3)
     return metrics
 

@@ -19,12 +19,15 @@ Outputs of `tokenize_labeled`:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +35,7 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pipeline.config import Config, Tokenize, project_root
+from pipeline.executors import OrderedMap, in_process_map, ordered_map
 from pipeline.files import InputError, atomic_children, atomic_dir, file_digest, write_json
 from pipeline.progress import Progress
 from pipeline.shards import MANIFEST, write_shard
@@ -114,12 +118,12 @@ class ShardWriter:
     def written(self) -> int:
         return sum(s["tokens"] for s in self.shards) + self.pending_tokens
 
-    def add(self, texts: list[str], encodings: list[Any]) -> None:
-        self.text_bytes += sum(len(t.encode()) for t in texts)
+    def add(self, documents: list[np.ndarray], text_bytes: int) -> None:
+        self.text_bytes += text_bytes
         end = np.asarray([self.eot], dtype=self.dtype)
-        for encoding in encodings:
-            self.pending += [np.asarray(encoding.ids, dtype=self.dtype), end]
-            self.pending_tokens += len(encoding.ids) + 1
+        for ids in documents:
+            self.pending += [ids, end]
+            self.pending_tokens += len(ids) + 1
         while self.pending_tokens >= self.cfg.shard_tokens:
             joined = np.concatenate(self.pending)
             self.flush(joined[: self.cfg.shard_tokens])
@@ -144,29 +148,80 @@ class ShardWriter:
         return self.shards
 
 
+class Encoded(NamedTuple):
+    """A batch of texts encoded: every text's ids end to end, each text's token count and UTF-8 size."""
+
+    ids: np.ndarray
+    lengths: np.ndarray
+    text_bytes: np.ndarray
+
+    def documents(self) -> list[np.ndarray]:
+        return np.split(self.ids, np.cumsum(self.lengths)[:-1])
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer_from_json(tokenizer_json: str) -> Tokenizer:
+    """Parsed once per process (a Dask worker is handed the same string for every task)."""
+    return Tokenizer.from_str(tokenizer_json)
+
+
+def encode_texts(texts: list[str], tokenizer_json: str, dtype: str) -> Encoded:
+    """The work of one piece of the encoding (in this process or on a Dask worker)."""
+    # encode_batch_fast: the same ids, without the character offsets nothing here uses
+    encodings = tokenizer_from_json(tokenizer_json).encode_batch_fast(texts, add_special_tokens=False)
+    ids = [np.asarray(e.ids, dtype=dtype) for e in encodings]
+    lengths = np.array([len(i) for i in ids], dtype=np.int64)
+    text_bytes = np.array([len(t.encode()) for t in texts], dtype=np.int64)
+    return Encoded(np.concatenate(ids) if ids else np.empty(0, dtype), lengths, text_bytes)
+
+
+@contextlib.contextmanager
+def encoding_map(cfg: Tokenize) -> Iterator[OrderedMap]:
+    """Where the encoding runs: in this process (the tokenizer's threads use every core), or on Dask."""
+    if cfg.executor == "local":
+        yield in_process_map
+        return
+    with ordered_map("dask", cfg.workers or os.cpu_count() or 1, cfg.scheduler) as in_order:
+        yield in_order
+
+
+def corpus_batches(corpus: Path, size: int) -> Iterator[tuple[list[str], list[str]]]:
+    """(texts, their splits), `size` documents at a time, in file order."""
+    for batch in pq.ParquetFile(corpus).iter_batches(columns=["text", "split"], batch_size=size):
+        yield batch.column(0).to_pylist(), batch.column(1).to_pylist()
+
+
 def encode_corpus(
-    tokenizer: Tokenizer, corpus: Path, labeled: Path | None, out_dir: Path, cfg: Tokenize, dtype: np.dtype
+    tokenizer: Tokenizer, corpus: Path, labeled: Path | None, out_dir: Path, cfg: Tokenize, dtype: np.dtype,
+    in_order: OrderedMap = in_process_map,
 ) -> dict[str, ShardWriter]:
     """One streaming pass over the corpus, every split into its own fixed-size shards (then, when
-    `labeled` is given, its train texts appended to the train shards)."""
+    `labeled` is given, its train texts appended to the train shards); `in_order` runs the encoding
+    (on a Dask cluster, or in this process, where the tokenizer uses every core)."""
     eot = tokenizer.token_to_id(cfg.eot_token)
     writers = {split: ShardWriter(out_dir, split, eot, cfg, dtype) for split in SPLITS}
     progress = Progress("tokenize", None, "doc")
-    batches = pq.ParquetFile(corpus).iter_batches(columns=["text", "split"], batch_size=cfg.batch_documents)
-    for batch in batches:
-        texts, splits = batch.column(0).to_pylist(), batch.column(1).to_pylist()
-        # encode_batch_fast: the same ids, without the character offsets nothing here uses
-        encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    tokenizer_json = tokenizer.to_str()
+    splits_on_their_way: deque[list[str]] = deque()  # of the batches handed out and not yet back
+
+    def corpus_texts() -> Iterator[list[str]]:
+        for texts, splits in corpus_batches(corpus, cfg.batch_documents):
+            splits_on_their_way.append(splits)
+            yield texts
+
+    for encoded in in_order(encode_texts, corpus_texts(), tokenizer_json, dtype.name):
+        splits, documents = splits_on_their_way.popleft(), encoded.documents()
         for split, writer in writers.items():
             chosen = [i for i, s in enumerate(splits) if s == split]
             if chosen:
-                writer.add([texts[i] for i in chosen], [encodings[i] for i in chosen])
-        progress.update(len(texts))
+                writer.add([documents[i] for i in chosen], int(encoded.text_bytes[chosen].sum()))
+        progress.update(len(splits))
     if labeled is not None:
         writers["train"].corpus_tokens = writers["train"].written()
-        for texts in read_texts(labeled, "train", cfg.batch_documents):
-            writers["train"].add(texts, tokenizer.encode_batch_fast(texts, add_special_tokens=False))
-            progress.update(len(texts))
+        labeled_texts = read_texts(labeled, "train", cfg.batch_documents)
+        for encoded in in_order(encode_texts, labeled_texts, tokenizer_json, dtype.name):
+            writers["train"].add(encoded.documents(), int(encoded.text_bytes.sum()))
+            progress.update(len(encoded.lengths))
     progress.close()
     for writer in writers.values():
         writer.close(corpus)
@@ -224,9 +279,10 @@ def run(
         tokenizer = train_tokenizer(corpus, labeled, tok_cfg)
     vocab_size = tokenizer.get_vocab_size()
     dtype = token_dtype(vocab_size)
-    with atomic_dir(tokenizer_dir) as tok_tmp, atomic_children(tokens_dir) as tmp:
+    with encoding_map(tok_cfg) as in_order, atomic_dir(tokenizer_dir) as tok_tmp, \
+            atomic_children(tokens_dir) as tmp:
         tokenizer.save(str(tok_tmp / "tokenizer.json"))
-        writers = encode_corpus(tokenizer, corpus, labeled, tmp, tok_cfg, dtype)
+        writers = encode_corpus(tokenizer, corpus, labeled, tmp, tok_cfg, dtype, in_order)
         shards = [shard for split in SPLITS for shard in writers[split].shards]
         text_bytes = {split: writers[split].text_bytes for split in SPLITS}
         totals = {
