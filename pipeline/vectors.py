@@ -77,7 +77,8 @@ def train_texts(*tables: Path, part: int = 0, parts: int = 1) -> Iterator[str]:
     of all tables, only rows `part`, `part + parts`, ..."""
     first_row = 0
     for table in tables:
-        for batch in pq.ParquetFile(table).iter_batches(columns=["text", "split"], batch_size=256):
+        # 64 texts per read: Arrow's buffers grow with the batch (see tokenize.READ_BATCH)
+        for batch in pq.ParquetFile(table).iter_batches(columns=["text", "split"], batch_size=64):
             mine = slice((part - first_row) % parts, None, parts)  # no pa.array: it imports pandas
             first_row += batch.num_rows
             texts, splits = batch.column(0).to_pylist()[mine], batch.column(1).to_pylist()[mine]

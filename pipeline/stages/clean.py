@@ -51,6 +51,7 @@ WORD = re.compile(r"\w+")
 CORPUS_FILE = "corpus.parquet"
 LABELED_FILE = "labeled.parquet"
 KIND_FILES = {"corpus": CORPUS_FILE, "labeled": LABELED_FILE}
+TEXT_BATCH_ROWS = 64  # rows per read of texts (Arrow's read buffers grow with the batch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +130,14 @@ class OutputSet:
             self.writer.write_table(pa.table(columns, schema=schema))
         self.buffer.clear()
 
+    def row_groups(self) -> Iterator[pa.Table]:
+        """The unsplit file's row groups (`row_group_rows` rows each), each read in small batches:
+        Arrow's read buffers grow with the batch (1024 long articles cost several times their text)."""
+        unsplit = pq.ParquetFile(self.path)
+        for group in range(unsplit.num_row_groups):
+            batches = unsplit.iter_batches(TEXT_BATCH_ROWS, row_groups=[group])
+            yield pa.Table.from_batches(list(batches), schema=unsplit.schema_arrow)
+
     def write_split(self, splits: list[str], out_path: Path) -> dict[str, Any]:
         """The rows with their `split` column to `out_path` (row groups of `row_group_rows`); returns
         the split summary (and, for the labeled set, the quality counts)."""
@@ -140,11 +149,10 @@ class OutputSet:
         tally = SplitTally(self.labeled)
         with pq.ParquetWriter(out_path, schema, compression="zstd") as writer:
             start = 0
-            for batch in pq.ParquetFile(self.path).iter_batches(batch_size=self.row_group_rows):
-                chunk = splits[start : start + batch.num_rows]
-                start += batch.num_rows
-                table = pa.table({**{c: batch.column(c) for c in self.columns},
-                                  "split": pa.array(chunk, type=pa.string())}).select(columns)
+            for group in self.row_groups():
+                chunk = splits[start : start + group.num_rows]
+                start += group.num_rows
+                table = group.append_column("split", pa.array(chunk, type=pa.string())).select(columns)
                 writer.write_table(table, row_group_size=self.row_group_rows)
                 tally.add(table)
         return {**tally.summary(), **({"quality": tally.quality_counts()} if self.labeled else {})}
