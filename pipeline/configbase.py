@@ -21,10 +21,13 @@ def _path_not_switch(value: Any) -> Any:
 OptionalInput = Annotated[str, BeforeValidator(_path_not_switch)]
 
 
+Executor = Literal["local", "dask"]
+
+
 class Distributed(Section):
     """A data stage whose pieces of work can run on a Dask cluster: `local` (this machine's processes
     or threads) or `dask` (the scheduler at `scheduler`, or a local cluster the stage starts). The
     output bytes are the same either way."""
 
-    executor: Literal["local", "dask"] = "local"
+    executor: Executor = "local"
     scheduler: str | None = Field(None, description="a Dask scheduler's address (executor dask)")

@@ -73,7 +73,7 @@ class PairTable:
     """GloVe C's bigram table: (a, b) is in the table exactly when (a + 1)(b + 1) <= max_product, a
     symmetric condition. On Zipfian text most pairs are (76% of the default text's at 64 MB)."""
 
-    def __init__(self, vocab_size: int, max_entries: int, window: int = 1) -> None:
+    def __init__(self, vocab_size: int, max_entries: int) -> None:
         low, high = 0, vocab_size * vocab_size  # the largest product whose table fits
         while low < high:
             middle = (low + high + 1) // 2
@@ -82,7 +82,6 @@ class PairTable:
         self.vocab_size, self.max_product = vocab_size, low
         widths = np.minimum(low // np.arange(1, vocab_size + 1), vocab_size)
         self.offsets = np.concatenate([[0], np.cumsum(widths)])
-        self.layout = TableLayout(vocab_size, low, self.offsets, window, weight_scale(window))
         self.sums = np.zeros(int(self.offsets[-1]), dtype=np.int64)
 
     def add(self, positions: np.ndarray, sums: np.ndarray) -> None:
@@ -185,7 +184,8 @@ class PairCounter:
         self, vocab_size: int, window: int, memory_bytes: int, workers: int, spill_dir: Path
     ) -> None:
         self.vocab_size, self.window, self.scale = vocab_size, window, weight_scale(window)
-        self.table = PairTable(vocab_size, min(memory_bytes // TABLE_SHARE // 8, MAX_TABLE_ENTRIES), window)
+        self.table = PairTable(vocab_size, min(memory_bytes // TABLE_SHARE // 8, MAX_TABLE_ENTRIES))
+        self.layout = TableLayout(vocab_size, self.table.max_product, self.table.offsets, window, self.scale)
         pair_bytes = memory_bytes - memory_bytes // TABLE_SHARE
         share = int(pair_bytes) // BYTES_PER_PAIR // (workers + 2)
         self.max_pairs = max(min(share, MAX_BUFFER_PAIRS), 2 * window)
@@ -209,7 +209,7 @@ class PairCounter:
                 yield batch
 
         with ThreadPoolExecutor(1) as spiller:
-            for counted in in_order(counted_batch, taken(), self.table.layout):
+            for counted in in_order(counted_batch, taken(), self.layout):
                 self.add(counted, spiller)
             self.spill(spiller)
             if self.spilling is not None:

@@ -20,11 +20,12 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
+
+from pipeline.configbase import Executor
 
 Item = TypeVar("Item")
 OrderedMap = Callable[..., Iterator[Any]]  # (work, items, *shared) -> work(item, *shared) per item
-Executor = Literal["local", "dask"]
 IN_FLIGHT_PER_WORKER = 4  # pieces submitted ahead of the one awaited, per worker
 DASK_ATTEMPTS = 3  # runs of a task whose worker died before it is given up
 WORKER_ENVIRONMENT = {"RAYON_NUM_THREADS": 1}  # a worker is one thread (tokenizers' pool: all cores)
