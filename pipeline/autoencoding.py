@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.models.sentence import SentenceNet
+from pipeline.models.sentence import Denoiser, Memory, SentenceNet
 
 
 @dataclass(frozen=True)
@@ -69,11 +69,16 @@ def corrupt(sentence: np.ndarray, rng: np.random.Generator, mask_id: int, mask_r
     return np.array(out or [mask_id], dtype=np.int64)
 
 
-def sentence_nll(model: SentenceNet, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Negative log-likelihood (nats) of each sentence's targets: (B,). The output layer, most of the
-    cost, runs on the real positions only, not the padding."""
+def sentence_nll(model: SentenceNet, features: torch.Tensor, targets: torch.Tensor,
+                 memory: Memory | None = None) -> torch.Tensor:
+    """Negative log-likelihood (nats) of each sentence's targets: (B,); `memory` is the denoiser's. The
+    output layer, most of the cost, runs on the real positions only, not the padding."""
     real = targets != -100
-    losses = F.cross_entropy(model.logits(features[real]), targets[real], reduction="none")
+    if isinstance(model, Denoiser):
+        assert memory is not None
+        losses = -model.target_log_probs(features, targets, memory)
+    else:
+        losses = F.cross_entropy(model.logits(features[real]), targets[real], reduction="none")
     return torch.zeros(len(targets), device=losses.device).index_add(0, real.nonzero()[:, 0], losses)
 
 
@@ -146,7 +151,7 @@ def gradient_penalty(critic: torch.nn.Module, real: torch.Tensor, fake: torch.Te
 
 @torch.no_grad()
 def decode_tokens(model: SentenceNet, count: int, max_tokens: int, eot_id: int,
-                  latent: torch.Tensor | None = None, memory: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  latent: torch.Tensor | None = None, memory: Memory | None = None,
                   generator: torch.Generator | None = None) -> list[np.ndarray]:
     """Sentences decoded one token at a time from `bos` until `eos` or `max_tokens`: greedy, or
     sampled at temperature 1 when a `generator` is given."""
@@ -156,9 +161,9 @@ def decode_tokens(model: SentenceNet, count: int, max_tokens: int, eot_id: int,
     for _ in range(max_tokens + 1):
         features, state = model.decode(inputs, latent, memory, state)
         if generator is None:
-            chosen = model.logits(features[:, -1]).argmax(-1)
+            chosen = model.logits(features[:, -1:], memory)[:, 0].argmax(-1)
         else:
-            probabilities = model.logits(features[:, -1]).softmax(-1).cpu()
+            probabilities = model.logits(features[:, -1:], memory)[:, 0].softmax(-1).cpu()
             chosen = torch.multinomial(probabilities, 1, generator=generator)[:, 0].to(device)
         tokens.append(chosen)
         inputs = chosen[:, None]

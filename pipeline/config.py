@@ -141,6 +141,10 @@ class Clean(Distributed):
     row_group_rows: int = Field(
         1024, ge=1, description="Parquet rows per row group: readers hold one group in memory at a time"
     )
+    row_group_bytes: int = Field(
+        4 << 20, ge=1, description="a row group also ends once its texts reach this many UTF-8 bytes "
+        "(long articles: the group stays small in memory)"
+    )
 
 
 class Data(Section):

@@ -117,6 +117,7 @@ def embedding_tables(emb: dict[str, dict[str, Any]]) -> str:
 
 
 SENTENCE_MODELS = {"lm": "GRU language model", "ae": "autoencoder", "dae": "denoiser (seq2seq + attention)",
+                   "dae_input": "the masked input, copied (the denoiser's baseline)",
                    "vae": "sentence VAE", "arae": "ARAE (latent WGAN-GP on the ae codes)",
                    "glove": "mean GloVe word vector (probe only)"}
 SENTENCE_METRICS = ("nll", "ppl", "elbo", "kl", "mutual_information", "active_units", "token_accuracy",
@@ -127,6 +128,8 @@ def sentence_models_section(found: dict[str, Any]) -> str:
     """The autoencode stage's scores (one row per model), then its examples: reconstructions,
     samples and interpolations."""
     scores, examples = found["metrics"], found["examples"]
+    if "input_rouge_l" in scores.get("dae", {}):
+        scores = {**scores, "dae_input": {"rouge_l": scores["dae"]["input_rouge_l"]}}
     rows = [[SENTENCE_MODELS[name], *(scores[name].get(k, "-") for k in SENTENCE_METRICS)]
             for name in SENTENCE_MODELS if name in scores]
     parts = [table(rows, ["model", "NLL (nats/sentence)", "perplexity", "ELBO", "KL", "mutual information",

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline import sentence_eval
 from pipeline.autoencoding import (
     active_units,
     corrupt,
@@ -24,9 +25,10 @@ from pipeline.autoencoding import (
     log_importance_weights,
     make_batch,
     reparameterized,
+    sentence_nll,
 )
 from pipeline.config import ConfigError, parse_config
-from pipeline.models.sentence import SentenceConfig, SentenceModel
+from pipeline.models.sentence import Denoiser, SentenceConfig, SentenceModel
 from pipeline.report import sentence_models_section
 from pipeline.stages import autoencode
 
@@ -72,6 +74,33 @@ def test_iwae_with_one_sample_is_that_sample_s_elbo_and_more_samples_only_tighte
     # log-mean-exp >= mean (Jensen), for the very same samples
     assert (iwae_nll(many) <= -many.mean(1) + 1e-6).all()
     assert (iwae_nll(many) < -many.mean(1)).any()
+
+
+def test_the_pointer_generator_is_a_distribution_that_can_copy_and_its_training_loss_matches_it():
+    torch.manual_seed(0)
+    shape = SentenceConfig("dae", 40, n_embd=8, n_hidden=16, n_layer=1, n_head=2, pointer=True)
+    model = Denoiser(shape).eval()
+    sentences = [np.array([5, 6, 7, 8]), np.array([9, 10]), np.array([11, 12, 13])]
+    noisy = [np.array([5, 3, 7, 8]), np.array([9, 10, 9]), np.array([3])]  # 3: the mask
+    batch = make_batch(sentences, eot_id=0, pad_id=1, encoder_input=noisy)
+    with torch.no_grad():
+        memory = model.memory(batch.ids, batch.lengths)
+        features = model.decode(batch.inputs, memory=memory)[0]
+        log_probs = model.logits(features, memory)
+        assert torch.allclose(log_probs.exp().sum(-1), torch.ones(3, batch.inputs.shape[1]), atol=1e-5)
+        real = batch.targets != -100
+        dense = -log_probs[real].gather(1, batch.targets[real][:, None])[:, 0]
+        rows = real.nonzero()[:, 0]
+        by_sentence = torch.zeros(3).index_add(0, rows, dense)
+        assert torch.allclose(sentence_nll(model, features, batch.targets, memory), by_sentence, atol=1e-5)
+        # a gate shut on generation leaves only the source's tokens, padding never among them
+        model.copy_gate.bias.fill_(-50.0)
+        only_copies = model.logits(features, memory).exp()
+    sources = [{5, 3, 7, 8}, {9, 10}, {3}]
+    for row, allowed in enumerate(sources):
+        mass = only_copies[row][:, sorted(allowed)].sum(-1)
+        assert torch.allclose(mass, torch.ones_like(mass), atol=1e-4)
+        assert only_copies[row][:, 1].max() < 1e-6  # the pad id sits at the source's padding
 
 
 def test_active_units_count_dimensions_whose_posterior_mean_varies():
@@ -148,7 +177,9 @@ def test_a_killed_run_resumes_to_the_same_models_and_metrics(tiny_project, tmp_p
         assert all(torch.equal(first[k], second[k]) for k in first)
     examples = json.loads((tmp_path / "resumed" / "models" / "examples.json").read_text())
     section = sentence_models_section({"metrics": resumed, "examples": examples})
-    for shown in ("sentence VAE", "ARAE", "denoiser output", "vae interpolation step", *examples["test"][:1]):
+    assert 0 < resumed["dae"]["input_rouge_l"] <= 1
+    for shown in ("sentence VAE", "ARAE", "denoiser output", "vae interpolation step", *examples["test"][:1],
+                  "the masked input, copied (the denoiser's baseline)"):
         assert html.escape(shown) in section
 
 
@@ -168,5 +199,6 @@ def test_bad_params_are_refused_in_one_line_naming_the_key(tiny_project, key, va
 def test_the_glove_probe_features_are_each_text_s_mean_known_word_vector(tmp_path):
     vectors = tmp_path / "vectors.txt"
     vectors.write_text("good 1 0\nbad 0 1\n")
-    features = autoencode.glove_features(["Good, good BAD!", "nothing known", "bad"], vectors, r"[^\W\d_]+")
+    texts = ["Good, good BAD!", "nothing known", "bad"]
+    features = sentence_eval.glove_features(texts, vectors, r"[^\W\d_]+")
     assert np.allclose(features, [[2 / 3, 1 / 3], [0, 0], [0, 1]])

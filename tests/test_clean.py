@@ -15,6 +15,7 @@ import pytest
 import yaml
 from conftest import follow_paths
 
+from pipeline import splits as split_manifest
 from pipeline.config import Config, ConfigError, Split, parse_config, project_root
 from pipeline.files import InputError, file_digest, resolve_package_path
 from pipeline.sources import read_mediawiki
@@ -166,6 +167,25 @@ def test_two_runs_are_byte_identical(tmp_path: Path, slices: Callable[..., dict[
     assert [name for name, _ in digests[0]] == ["corpus.parquet", "labeled.parquet"] * 2
 
 
+def test_row_groups_end_at_the_byte_bound_with_the_same_rows(tmp_path: Path,
+                                                              slices: Callable[..., dict[str, Any]]) -> None:
+    params = slices(pages=100, rows=50)
+    tables = {}
+    for bound in (1 << 30, 100_000):
+        params["data"]["clean"]["row_group_bytes"] = bound
+        root = tmp_path / str(bound)
+        run_stages(with_paths(params, root), root)
+        corpus = pq.ParquetFile(root / "clean" / "corpus.parquet")
+        groups = [[len(t.encode()) for t in corpus.read_row_group(g, columns=["text"])["text"].to_pylist()]
+                  for g in range(corpus.num_row_groups)]
+        tables[bound] = (corpus.read(), groups)
+    whole, small = tables[1 << 30], tables[100_000]
+    assert len(whole[1]) == 1 and len(small[1]) > 3
+    # a group closes at the row that reaches the bound
+    assert all(sum(g) >= 100_000 > sum(g[:-1]) for g in small[1][:-1]) and sum(small[1][-1][:-1]) < 100_000
+    assert small[0].equals(whole[0])
+
+
 def test_ingest_logs_a_run_only_when_the_bytes_change(tmp_path: Path, slices: Callable[..., dict[str, Any]],
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow.tracking import MlflowClient
@@ -210,21 +230,21 @@ def test_growing_a_source_never_moves_a_document(tmp_path: Path) -> None:
 def test_new_documents_fill_the_splits_furthest_below_their_share() -> None:
     cfg = Split()
     known = {f"old{i}": "train" for i in range(10)}  # val and test are 1 document short each
-    drawn = clean.assign_splits([*known, "new1", "new2", "new3"], known, cfg)
+    drawn = split_manifest.assign_splits([*known, "new1", "new2", "new3"], known, cfg)
     assert {k: drawn[k] for k in known} == known
     assert sorted(drawn[k] for k in ("new1", "new2", "new3")) == ["test", "train", "val"]
-    fresh = clean.assign_splits([f"doc{i}" for i in range(1000)], {}, cfg)
+    fresh = split_manifest.assign_splits([f"doc{i}" for i in range(1000)], {}, cfg)
     assert sorted(Counter(fresh.values()).items()) == [("test", 100), ("train", 800), ("val", 100)]
-    redrawn = clean.assign_splits(list(fresh), {}, Split(salt="other"))
+    redrawn = split_manifest.assign_splits(list(fresh), {}, Split(salt="other"))
     assert redrawn != fresh and Counter(redrawn.values()) == Counter(fresh.values())
 
 
 def test_a_manifest_drawn_with_other_ratios_is_redrawn(tmp_path: Path) -> None:
     path = tmp_path / "splits.parquet"
-    clean.write_split_manifest(path, {("wiki", "title:A"): "test"}, Split())
-    assert clean.read_split_manifest(path, Split()) == {("wiki", "title:A"): "test"}
-    assert clean.read_split_manifest(path, Split(salt="v2")) == {}
-    assert clean.read_split_manifest(path, Split(train=0.9, val=0.05, test=0.05)) == {}
+    split_manifest.write_split_manifest(path, {("wiki", "title:A"): "test"}, Split())
+    assert split_manifest.read_split_manifest(path, Split()) == {("wiki", "title:A"): "test"}
+    assert split_manifest.read_split_manifest(path, Split(salt="v2")) == {}
+    assert split_manifest.read_split_manifest(path, Split(train=0.9, val=0.05, test=0.05)) == {}
 
 
 # ---------------------------------------------------------------- bad input

@@ -5,7 +5,8 @@
   decoder's first state and to every step;
 - `dae` (`Denoiser`): a denoising sequence-to-sequence Transformer (Vaswani et al. 2017), its
   decoder's cross-attention over the encoder's states of the corrupted text (a GRU with Luong
-  attention learnt to copy 10x slower here: ROUGE-L 0.27 after 500 batches);
+  attention learnt to copy 10x slower here: ROUGE-L 0.27 after 500 batches), and optionally a
+  pointer-generator output (See et al. 2017) that copies source tokens;
 - `gan`: ARAE's generator and WGAN critic (Zhao et al. 2018), MLPs on the autoencoder's codes.
 
 A sentence decodes from `bos` to `eos` (both the end-of-text id); padding is `pad_id`.
@@ -13,8 +14,9 @@ A sentence decodes from `bos` to `eos` (both the end-of-text id); padding is `pa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,16 @@ class SentenceConfig:
     n_layer: int = 2  # dae: Transformer layers on each side, n_head heads, feed-forward n_hidden wide
     n_head: int = 4
     max_tokens: int = 64  # dae: positions
+    pointer: bool = False  # dae: mix a copy distribution over the source tokens into the output
+
+
+class Memory(NamedTuple):
+    """What the denoiser's decoder reads: the encoder's states (B, S, n_embd), the source's padding
+    (B, S, True at padding) and its token ids (B, S), the support of the copy distribution."""
+
+    states: torch.Tensor
+    padding: torch.Tensor
+    ids: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -90,7 +102,7 @@ class SentenceModel(nn.Module):
         return torch.tanh(self.to_state(latent))[None]
 
     def decode(self, inputs: torch.Tensor, latent: torch.Tensor | None = None,
-               memory: tuple[torch.Tensor, torch.Tensor] | None = None,
+               memory: Memory | None = None,
                state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Output features (B, T, n_embd; `logits` scores them) for inputs (B, T), and
         the last state; `latent` is the ae code or the vae z (`memory` is the Denoiser's)."""
@@ -103,16 +115,20 @@ class SentenceModel(nn.Module):
         hidden, state = self.decoder(embedded, state)
         return self.out(self.drop(hidden)), state
 
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        """Scores over the vocabulary: the output layer is the token embedding (tied, Press & Wolf 2017).
-        (An adaptive softmax was 2x faster here but kept the denoiser from learning to copy.)"""
+    def logits(self, features: torch.Tensor, memory: Memory | None = None) -> torch.Tensor:
+        """Scores over the vocabulary: the output layer is the token embedding (tied, Press & Wolf 2017);
+        `memory` is the denoiser's, unused here. (An adaptive softmax was 2x faster here but kept the
+        denoiser from learning to copy.)"""
         return F.linear(features, self.wte.weight, self.out_bias)
 
 
 class Denoiser(nn.Module):
     """dae: a Transformer encoder over the corrupted text, a causal decoder cross-attending to it; token
     and learned position embeddings, the output layer tied to the token embedding. Its `decode` takes
-    and returns the inputs so far as its `state`, so it decodes token by token like the GRUs."""
+    and returns the inputs so far as its `state`, so it decodes token by token like the GRUs. With
+    `pointer` its output is a pointer-generator's (See et al. 2017): log p(w) = log(g p_vocab(w) + (1 - g)
+    sum of the attention on the source positions holding w), one attention head and the gate g read the
+    decoder's features."""
 
     def __init__(self, cfg: SentenceConfig) -> None:
         super().__init__()
@@ -126,6 +142,9 @@ class Denoiser(nn.Module):
         self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**layer), cfg.n_layer)
         self.norm = nn.LayerNorm(cfg.n_embd)
         self.out_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        if cfg.pointer:
+            self.copy_query = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+            self.copy_gate = nn.Linear(2 * cfg.n_embd, 1)
         nn.init.normal_(self.wte.weight, std=0.02)
         nn.init.normal_(self.wpe.weight, std=0.02)
 
@@ -139,20 +158,55 @@ class Denoiser(nn.Module):
         pooled = states.masked_fill(padding[..., None], 0).sum(1) / lengths.to(ids.device)[:, None]
         return states, pooled
 
+    def memory(self, ids: torch.Tensor, lengths: torch.Tensor) -> Memory:
+        """The encoded source (B, S), padded after `lengths`, as the decoder reads it."""
+        padding = torch.arange(ids.shape[1], device=ids.device)[None] >= lengths.to(ids.device)[:, None]
+        return Memory(self.encode_states(ids, lengths)[0], padding, ids)
+
     def decode(self, inputs: torch.Tensor, latent: torch.Tensor | None = None,
-               memory: tuple[torch.Tensor, torch.Tensor] | None = None,
+               memory: Memory | None = None,
                state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features of `inputs`' positions given `memory` (encoder states, padding mask); `state`, the
-        inputs decoded before these, is prepended (recomputed: sentences are short)."""
+        """Features of `inputs`' positions given `memory`; `state`, the inputs decoded before these, is
+        prepended (recomputed: sentences are short)."""
         assert memory is not None
         everything = inputs if state is None else torch.cat([state, inputs], dim=1)
         causal = nn.Transformer.generate_square_subsequent_mask(everything.shape[1], device=inputs.device)
-        hidden = self.decoder(self.embedded(everything), memory[0], tgt_mask=causal, tgt_is_causal=True,
-                              memory_key_padding_mask=memory[1])
+        hidden = self.decoder(self.embedded(everything), memory.states, tgt_mask=causal, tgt_is_causal=True,
+                              memory_key_padding_mask=memory.padding)
         return self.norm(hidden[:, -inputs.shape[1]:]), everything
 
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        return F.linear(features, self.wte.weight, self.out_bias)
+    def pointing(self, features: torch.Tensor, memory: Memory) -> tuple[torch.Tensor, torch.Tensor]:
+        """The copy attention over the source positions (B, T, S) and the gate's logit (B, T)."""
+        scores = self.copy_query(features) @ memory.states.transpose(1, 2) / math.sqrt(self.cfg.n_embd)
+        attention = scores.masked_fill(memory.padding[:, None], float("-inf")).softmax(-1)
+        gate = self.copy_gate(torch.cat([features, attention @ memory.states], dim=-1)).squeeze(-1)
+        return attention, gate
+
+    def logits(self, features: torch.Tensor, memory: Memory | None = None) -> torch.Tensor:
+        """Scores over the vocabulary (B, T, vocab), their log_softmax log p: the tied output layer's;
+        with `pointer`, log p itself, the generated and the copied mixed."""
+        vocabulary = F.linear(features, self.wte.weight, self.out_bias)
+        if not self.cfg.pointer:
+            return vocabulary
+        assert memory is not None
+        attention, gate = self.pointing(features, memory)
+        sources = memory.ids[:, None].expand(-1, features.shape[1], -1)
+        copies = torch.zeros_like(vocabulary).scatter_add_(-1, sources, attention)
+        return torch.logaddexp(F.logsigmoid(gate)[..., None] + vocabulary.log_softmax(-1),
+                               F.logsigmoid(-gate)[..., None] + copies.clamp_min(1e-30).log())
+
+    def target_log_probs(self, features: torch.Tensor, targets: torch.Tensor, memory: Memory) -> torch.Tensor:
+        """log p(target) at the real positions (targets != -100): (N,). With `pointer` only the targets'
+        copy mass is summed, not the whole (B, T, vocab) mixture (3x faster to train)."""
+        real = targets != -100
+        vocabulary = -F.cross_entropy(F.linear(features[real], self.wte.weight, self.out_bias), targets[real],
+                                      reduction="none")
+        if not self.cfg.pointer:
+            return vocabulary
+        attention, gate = self.pointing(features, memory)
+        copied = (attention * (memory.ids[:, None] == targets[..., None])).sum(-1)[real]
+        return torch.logaddexp(F.logsigmoid(gate[real]) + vocabulary,
+                               F.logsigmoid(-gate[real]) + copied.clamp_min(1e-30).log())
 
 
 SentenceNet = SentenceModel | Denoiser

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 import re
 import sys
@@ -28,7 +27,7 @@ import tempfile
 import time
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,15 +37,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasketch import MinHash, MinHashLSH
 
-from pipeline.config import Config, Dedup, Filters, Source, Split, project_root
+from pipeline.config import Config, Dedup, Filters, Source, project_root
 from pipeline.executors import batched, ordered_map
 from pipeline.files import InputError, atomic_path, resolve_paths, write_json
 from pipeline.progress import Progress
 from pipeline.sources import RawDoc, read_source
+from pipeline.splits import SPLITS, read_split_manifest, split_rows, write_split_manifest
 from pipeline.stagecli import stage_main
 from pipeline.textfix import PROSE_PUNCTUATION, has_mojibake, repair, wikitext_to_text
 
-SPLITS = ("train", "val", "test")
 WORD = re.compile(r"\w+")
 CORPUS_FILE = "corpus.parquet"
 LABELED_FILE = "labeled.parquet"
@@ -87,11 +86,13 @@ class OutputSet:
     path: Path
     labeled: bool
     row_group_rows: int
+    row_group_bytes: int
     keys: list[tuple[str, str]] = field(default_factory=list)  # (source, split key) per row, in order
     buffer: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))
     writer: pq.ParquetWriter | None = None
     seen_ids: set[str] = field(default_factory=set)  # ids hash the dedup key: 8 bytes, not the text
     lsh: MinHashLSH | None = None  # built on first use: choosing its bands takes a moment
+    buffered_bytes: int = 0  # UTF-8 bytes of the buffered texts
 
     @property
     def columns(self) -> list[str]:
@@ -118,7 +119,8 @@ class OutputSet:
         self.keys.append((row["source"], row["split_key"]))
         for column in self.columns:
             self.buffer[column].append(row[column])
-        if len(self.buffer["id"]) >= self.row_group_rows:
+        self.buffered_bytes += len(row["text"].encode())
+        if len(self.buffer["id"]) >= self.row_group_rows or self.buffered_bytes >= self.row_group_bytes:
             self.flush()
 
     def flush(self) -> None:
@@ -129,17 +131,19 @@ class OutputSet:
             columns = {c: pa.array(self.buffer[c], type=pa.string()) for c in self.columns}
             self.writer.write_table(pa.table(columns, schema=schema))
         self.buffer.clear()
+        self.buffered_bytes = 0
 
     def row_groups(self) -> Iterator[pa.Table]:
-        """The unsplit file's row groups (`row_group_rows` rows each), each read in small batches:
-        Arrow's read buffers grow with the batch (1024 long articles cost several times their text)."""
+        """The unsplit file's row groups (`row_group_rows` rows or `row_group_bytes` of text), each read
+        in small batches: Arrow's read buffers grow with the batch (long articles cost several times
+        their text)."""
         unsplit = pq.ParquetFile(self.path)
         for group in range(unsplit.num_row_groups):
             batches = unsplit.iter_batches(TEXT_BATCH_ROWS, row_groups=[group])
             yield pa.Table.from_batches(list(batches), schema=unsplit.schema_arrow)
 
     def write_split(self, splits: list[str], out_path: Path) -> dict[str, Any]:
-        """The rows with their `split` column to `out_path` (row groups of `row_group_rows`); returns
+        """The rows with their `split` column to `out_path` (the unsplit file's row groups); returns
         the split summary (and, for the labeled set, the quality counts)."""
         self.flush()
         assert self.writer is not None
@@ -235,61 +239,6 @@ def minhash_signature(key: str, dedup: Dedup) -> np.ndarray:
 def document_id(key: str) -> str:
     """A stable content hash: the same normalised text always gets the same id."""
     return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
-
-
-def split_order(key: str, cfg: Split) -> bytes:
-    return hashlib.sha256(f"{cfg.salt}:{key}".encode()).digest()
-
-
-def assign_splits(keys: Iterable[str], known: dict[str, str], cfg: Split) -> dict[str, str]:
-    """The split of each key of one source: `known` ones keep theirs; new ones, in salted-hash order,
-    go each to the split with the largest deficit ratio * total - count (ties: train, val, test)."""
-    ratios = {"train": cfg.train, "val": cfg.val, "test": cfg.test}
-    keys = set(keys)
-    splits = {k: known[k] for k in keys if k in known}
-    counts = Counter(splits.values())
-    total = len(splits)
-    for key in sorted(keys - splits.keys(), key=lambda k: split_order(k, cfg)):
-        total += 1
-        split = max(SPLITS, key=lambda s: ratios[s] * total - counts[s])
-        counts[split] += 1
-        splits[key] = split
-    return splits
-
-
-def split_draw(cfg: Split) -> bytes:
-    """What a split manifest was drawn with: a manifest drawn otherwise is redrawn, not followed."""
-    return json.dumps(cfg.model_dump(), sort_keys=True).encode()
-
-
-def read_split_manifest(path: Path | None, cfg: Split) -> dict[tuple[str, str], str]:
-    """(source, key) -> split from an earlier run, or {} when there is none or it used other ratios/salt."""
-    if path is None or not path.exists():
-        return {}
-    table = pq.read_table(path)
-    if (table.schema.metadata or {}).get(b"draw") != split_draw(cfg):
-        return {}
-    columns = table.to_pydict()
-    return dict(zip(zip(columns["source"], columns["key"], strict=True), columns["split"], strict=True))
-
-
-def write_split_manifest(path: Path, splits: dict[tuple[str, str], str], cfg: Split) -> None:
-    rows = sorted(splits.items())
-    table = pa.table({"source": [s for (s, _), _ in rows], "key": [k for (_, k), _ in rows],
-                      "split": [v for _, v in rows]}, schema=pa.schema(
-        [("source", pa.string()), ("key", pa.string()), ("split", pa.string())],
-        metadata={"draw": split_draw(cfg)}))
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
-
-
-def split_rows(keys: list[tuple[str, str]], manifest: dict[tuple[str, str], str], cfg: Split) -> list[str]:
-    """The split of each (source, split key) row, source by source; new assignments go into `manifest`."""
-    for source in dict.fromkeys(s for s, _ in keys):
-        known = {k: v for (s, k), v in manifest.items() if s == source}
-        manifest.update({(source, k): v for k, v in
-                         assign_splits((k for s, k in keys if s == source), known, cfg).items()})
-    return [manifest[key] for key in keys]
 
 
 def effective_filters(source: Source, filters: Filters) -> Filters:
@@ -393,7 +342,7 @@ def run(cfg: Config, raw_dir: Path, out_dir: Path, metrics_path: Path, splits_di
     summaries: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".clean-") as scratch:
         sets = {kind: OutputSet(clean_cfg.dedup, Path(scratch) / KIND_FILES[kind], kind == "labeled",
-                                clean_cfg.row_group_rows) for kind in kinds}
+                                clean_cfg.row_group_rows, clean_cfg.row_group_bytes) for kind in kinds}
         reports = clean_sources(cfg, raw_dir, sets)
         for kind, out in sets.items():
             manifest_path = splits_dir / KIND_FILES[kind] if splits_dir else None
