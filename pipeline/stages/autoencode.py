@@ -5,17 +5,19 @@ Sentences: the labeled set's texts whole and the corpus pages cut after `.`, `!`
 breaks, encoded with the project's tokenizer, kept when `min_tokens`..`max_tokens` long; train
 sentences train, `eval_sentences` test sentences (a fixed draw) are scored.
 
-Models (`autoencode.models`, GRUs of `pipeline.models.sentence`): `lm`; `ae`, the code on the unit
-sphere; `dae`, trained on BART's noise (masking, deletion, span infilling), scored from test text
-with `eval_mask_rate` of its tokens masked; `vae`, with KL annealing, word dropout and free bits;
-`arae`, a WGAN-GP generator and critic on the trained ae's codes. Each trains `steps` batches drawn
-from (seed, model, step) with AdamW, warmup and cosine decay, checkpointed every `checkpoint_every`
-steps under `paths.autoencode_checkpoints/<model>/`, so a killed run resumes to the same weights.
+Models (`autoencode.models`, `pipeline.models.sentence`): GRUs `lm`, `ae` (the code on the unit
+sphere) and `vae` (KL annealing, free bits, optional word dropout); `dae`, a Transformer with a
+pointer-generator output, trained on BART's noise (masking, deletion, span infilling) and scored from
+test text with `eval_mask_rate` of its tokens masked; `arae`, a WGAN-GP generator and critic on the
+trained ae's codes. Each trains `steps` batches drawn from (seed, model, step) with AdamW, warmup and
+cosine decay, checkpointed every `checkpoint_every` steps under
+`paths.autoencode_checkpoints/<model>/`, so a killed run resumes to the same weights.
 
 Metrics (`metrics/autoencode.json`, `<model>.<metric>`): `nll` (nats per sentence) and `ppl` (per
 token, the end included) of lm and vae (the vae's by importance sampling with `iwae_samples`), the
 vae's `elbo`, `kl`, `mutual_information` and `active_units`; `token_accuracy`, `rouge_l` and `bleu` of
-greedy reconstructions (ae, vae from the posterior mean, dae from masked text); `forward_ppl` and
+greedy reconstructions (ae, vae from the posterior mean, dae from masked text), beside the dae's
+baseline `input_rouge_l` (the masked text itself, masks left out); `forward_ppl` and
 `reverse_ppl` of `samples` generated sentences (lm sampled; vae from the prior, ae from a Gaussian
 fitted to its train codes, arae from its generator, all decoded greedily) under an add-k bigram;
 `probe_f1`: test macro-F1 of a logistic regression of the labels on ae codes or vae means, and

@@ -164,7 +164,7 @@ def starting_weights(init_dir: Path, model: nn.Module, tokenizer_dir: Path) -> d
 def fresh_progress() -> dict[str, Any]:
     # timing is cumulative over every process that trained this run, so a resumed run reports it all
     return {"step": 0, "best_val": float("inf"), "best_saved": False, "bad_evals": 0, "train_curve": [],
-            "val_curve": [], "seconds_training": 0.0, "seconds_waiting": 0.0}
+            "val_curve": [], "seconds_training": 0.0, "seconds_waiting": 0.0, "peak_flops": 0.0}
 
 
 def write_curves(plots: Path, progress: dict[str, Any]) -> None:
@@ -259,7 +259,9 @@ def run(cfg: Config, tokens_dir: Path, tokenizer_dir: Path, lm_dir: Path, checkp
     flops_per_step = model.flops_per_token() * tokens_per_step  # type: ignore[operator]
     if masked:  # the head runs on the masked positions only
         flops_per_step -= 6 * model.wte.weight.numel() * (1 - p.mask_rate) * tokens_per_step
-    peak = peak_flops(device) * world
+    if not progress["peak_flops"]:  # measured once per run: a resumed run reports the same MFU
+        progress["peak_flops"] = peak_flops(device) * world
+    peak = progress["peak_flops"]
     stopped_early = False
     bar = Progress("pretrain", p.max_steps, "step", progress["step"], ("tokens", tokens_per_step),
                    enabled=rank == 0)
