@@ -39,7 +39,7 @@ from datasketch import MinHash, MinHashLSH
 
 from pipeline.config import Config, Dedup, Filters, Source, project_root
 from pipeline.executors import batched, ordered_map
-from pipeline.files import InputError, atomic_path, resolve_paths, write_json
+from pipeline.files import TEXT_ROWS_PER_READ, InputError, atomic_path, resolve_paths, write_json
 from pipeline.progress import Progress
 from pipeline.sources import RawDoc, read_source
 from pipeline.splits import SPLITS, read_split_manifest, split_rows, write_split_manifest
@@ -50,7 +50,6 @@ WORD = re.compile(r"\w+")
 CORPUS_FILE = "corpus.parquet"
 LABELED_FILE = "labeled.parquet"
 KIND_FILES = {"corpus": CORPUS_FILE, "labeled": LABELED_FILE}
-TEXT_BATCH_ROWS = 64  # rows per read of texts (Arrow's read buffers grow with the batch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +138,7 @@ class OutputSet:
         their text)."""
         unsplit = pq.ParquetFile(self.path)
         for group in range(unsplit.num_row_groups):
-            batches = unsplit.iter_batches(TEXT_BATCH_ROWS, row_groups=[group])
+            batches = unsplit.iter_batches(TEXT_ROWS_PER_READ, row_groups=[group])
             yield pa.Table.from_batches(list(batches), schema=unsplit.schema_arrow)
 
     def write_split(self, splits: list[str], out_path: Path) -> dict[str, Any]:

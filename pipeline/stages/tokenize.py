@@ -36,7 +36,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pipeline.config import Config, Tokenize, project_root
 from pipeline.executors import OrderedMap, in_process_map, ordered_map
-from pipeline.files import InputError, atomic_children, atomic_dir, file_digest, write_json
+from pipeline.files import (
+    TEXT_ROWS_PER_READ,
+    InputError,
+    atomic_children,
+    atomic_dir,
+    file_digest,
+    write_json,
+)
 from pipeline.progress import Progress
 from pipeline.shards import MANIFEST, write_shard
 from pipeline.stagecli import stage_main
@@ -45,11 +52,9 @@ SPLITS = ("train", "val", "test")
 BYTE_ALPHABET = 256
 CORPUS_FILE = "corpus.parquet"
 LABELED_FILE = "labeled.parquet"
-# texts per read: Arrow's buffers grow with it (100x the default dump read whole: 346 MiB at 1024, 162 at 64)
-READ_BATCH = 64
 
 
-def read_texts(path: Path, split: str, batch: int = READ_BATCH) -> Iterator[list[str]]:
+def read_texts(path: Path, split: str, batch: int = TEXT_ROWS_PER_READ) -> Iterator[list[str]]:
     """The texts of one split, streamed in file order, a batch at a time."""
     table = pq.ParquetFile(path)
     for record_batch in table.iter_batches(columns=["text", "split"], batch_size=batch):
@@ -60,7 +65,7 @@ def read_texts(path: Path, split: str, batch: int = READ_BATCH) -> Iterator[list
 
 
 def pretraining_texts(corpus: Path, labeled: Path | None, split: str,
-                      batch: int = READ_BATCH) -> Iterator[list[str]]:
+                      batch: int = TEXT_ROWS_PER_READ) -> Iterator[list[str]]:
     """The corpus texts of a split, then (train only, when `labeled` is given) the labeled texts."""
     yield from read_texts(corpus, split, batch)
     if split == "train" and labeled is not None:
