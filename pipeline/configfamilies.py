@@ -18,7 +18,7 @@ class Cooccur(Distributed):
     """Co-occurrence counts over the train split, with the semantics of Stanford GloVe's `cooccur`,
     for two units: words of the clean text (stage `cooccur`) and BPE ids of the shards (`cooccur_token`).
     With `executor: dask`, splitting texts into words and counting batches of documents run on the
-    cluster; the stage's process merges the counts."""
+    cluster, each worker keeping its counts (within `memory_mb`); the stage's process merges them."""
 
     # The 1/d weights are summed exactly as integers over lcm(1..window): 24 keeps that in int64.
     window: int = Field(24, ge=1, le=24, description="units each side of the centre")
@@ -27,6 +27,8 @@ class Cooccur(Distributed):
     workers: int = Field(0, ge=0, description="processes splitting words, threads counting (or processes "
                          "of a local Dask cluster); 0 = all cores")
     batch_texts: int = Field(256, ge=1, description="texts split into words per task (executor dask)")
+    batch_chars: int = Field(1 << 20, ge=1, description="and at most this many characters per task (a "
+                             "batch of long articles is sent, pickled and held several times over)")
 
 
 class Words(Section):

@@ -7,11 +7,12 @@ keeps the columns b with (a + 1)(b + 1) <= a maximum product that fits a quarter
 the rest accumulate in pair buffers, which are sorted, reduced and spilled to disk when full. The
 table and the spills are sorted runs, merged a block of rows at a time into the triples.
 
-A batch of documents is counted by `counted_batch` (on a thread, or on a Dask worker: it needs only the
-table's `TableLayout`) into sorted, reduced runs: its pairs outside the table, and its additions to
-table entries; this process adds and spills them. The triples are written in row groups of
-`ROW_GROUP_ENTRIES`, so the file's bytes depend on the counts alone, not on how many workers, batches
-or spills produced them.
+A batch of documents is counted by `counted_batch` (it needs only the table's `TableLayout`) into
+sorted, reduced runs: its pairs outside the table, and its additions to table entries; a
+`PairCounter` adds and spills them: this process's, for batches counted on its threads, or, on a
+Dask cluster, each worker's own (`pipeline.cooccurrence_cluster`). The triples are written in row
+groups of `ROW_GROUP_ENTRIES`, so the file's bytes depend on the counts alone, not on how many
+workers, batches or spills produced them.
 """
 
 from __future__ import annotations
@@ -174,6 +175,18 @@ def counted_batch(batch: Batch, layout: TableLayout) -> CountedBatch:
     return CountedBatch(*reduce_codes(codes, layout.scale), *reduce_codes(tabled_codes, layout.scale))
 
 
+def buffer_pairs(memory_bytes: int, window: int, workers: int) -> int:
+    """Pairs a buffer holds before it is spilled: the counting memory less the table's share, over
+    the `workers` batches in flight, the buffer and the one being spilled."""
+    pair_bytes = memory_bytes - memory_bytes // TABLE_SHARE
+    return max(min(pair_bytes // BYTES_PER_PAIR // (workers + 2), MAX_BUFFER_PAIRS), 2 * window)
+
+
+def batch_units(max_pairs: int, window: int) -> int:
+    """Units per batch: a batch's pairs (2 * window per unit) fill about one buffer."""
+    return min(max(max_pairs // (2 * window), 1), MAX_BATCH_UNITS)
+
+
 class PairCounter:
     """Adds counted batches (`counted_batch`, run by an ordered map: threads, or a Dask cluster) to
     the table and buffers their other runs, which are merged and spilled as .npy (on a thread) when
@@ -186,9 +199,7 @@ class PairCounter:
         self.vocab_size, self.window, self.scale = vocab_size, window, weight_scale(window)
         self.table = PairTable(vocab_size, min(memory_bytes // TABLE_SHARE // 8, MAX_TABLE_ENTRIES))
         self.layout = TableLayout(vocab_size, self.table.max_product, self.table.offsets, window, self.scale)
-        pair_bytes = memory_bytes - memory_bytes // TABLE_SHARE
-        share = int(pair_bytes) // BYTES_PER_PAIR // (workers + 2)
-        self.max_pairs = max(min(share, MAX_BUFFER_PAIRS), 2 * window)
+        self.max_pairs = buffer_pairs(memory_bytes, window, workers)
         self.spill_dir = spill_dir
         self.runs: list[tuple[np.ndarray, np.ndarray]] = []
         self.buffered = 0
@@ -199,7 +210,7 @@ class PairCounter:
 
     @property
     def units_per_batch(self) -> int:
-        return min(max(self.max_pairs // (2 * self.window), 1), MAX_BATCH_UNITS)
+        return batch_units(self.max_pairs, self.window)
 
     def count(self, batches: Iterable[Batch], progress: Progress, in_order: OrderedMap) -> None:
         def taken() -> Iterator[Batch]:
@@ -211,9 +222,13 @@ class PairCounter:
         with ThreadPoolExecutor(1) as spiller:
             for counted in in_order(counted_batch, taken(), self.layout):
                 self.add(counted, spiller)
-            self.spill(spiller)
-            if self.spilling is not None:
-                self.spilling.result()
+            self.finish(spiller)
+
+    def finish(self, spiller: ThreadPoolExecutor) -> None:
+        """The last buffer spilled and the table's run written: `merged_blocks` may begin."""
+        self.spill(spiller)
+        if self.spilling is not None:
+            self.spilling.result()
         self.buffer_spills = len(self.spills)
         keys, sums = self.table.run()  # one more sorted run to merge
         if len(keys):
@@ -242,22 +257,39 @@ class PairCounter:
     def spill_paths(self, index: int) -> tuple[Path, Path]:
         return self.spill_dir / f"keys-{index:05d}.npy", self.spill_dir / f"sums-{index:05d}.npy"
 
-    def merged_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """The reduced (keys, integer sums) in key order, a block of rows at a time. Spills are read
-        a range at a time, never kept mapped, and only block boundaries are kept per spill, so memory
-        stays at about one block whatever the number of spills."""
+    def entries_per_row(self) -> np.ndarray:
+        """Each row's entries over the spills (more than the merged row's where spills share keys)."""
         row_starts = np.arange(self.vocab_size + 1, dtype=np.int64) * self.vocab_size
         per_row = np.zeros(self.vocab_size, dtype=np.int64)
         for keys_path, _ in self.spills:
             per_row += np.diff(np.searchsorted(np.load(keys_path, mmap_mode="r"), row_starts))
-        cuts = block_starts(per_row, self.max_pairs)
-        bounds = [np.searchsorted(np.load(k, mmap_mode="r"), row_starts[cuts]) for k, _ in self.spills]
-        layouts = [(npy_layout(k), npy_layout(s)) for k, s in self.spills]
-        for block in range(len(cuts) - 1):
-            parts = [(read_range(k, kl, b[block], b[block + 1]), read_range(s, sl, b[block], b[block + 1]))
-                     for (k, s), (kl, sl), b in zip(self.spills, layouts, bounds, strict=True)]
-            keys, sums = (np.concatenate(p) for p in zip(*parts, strict=True))
-            yield (keys, sums) if len(parts) == 1 else reduce_pairs(keys, sums)
+        return per_row
+
+    def merged_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The reduced (keys, integer sums) in key order, a block of rows at a time."""
+        cuts = block_starts(self.entries_per_row(), self.max_pairs)
+        blocks = SpillBlocks(self.spills, self.vocab_size, cuts)
+        return (blocks.merged(block) for block in range(blocks.count))
+
+
+class SpillBlocks:
+    """Sorted spills merged a block of rows [cuts[i], cuts[i + 1]) at a time, in any order. Spills are
+    read a range at a time, never kept mapped, and only block boundaries are kept per spill, so memory
+    stays at about one block whatever the number of spills."""
+
+    def __init__(self, spills: list[tuple[Path, Path]], vocab_size: int, cuts: np.ndarray) -> None:
+        row_starts = np.asarray(cuts, dtype=np.int64) * vocab_size
+        self.spills, self.count, self.dtype = spills, len(cuts) - 1, code_dtype(vocab_size)
+        self.bounds = [np.searchsorted(np.load(k, mmap_mode="r"), row_starts) for k, _ in spills]
+        self.layouts = [(npy_layout(k), npy_layout(s)) for k, s in spills]
+
+    def merged(self, block: int) -> tuple[np.ndarray, np.ndarray]:
+        parts = [(read_range(k, kl, b[block], b[block + 1]), read_range(s, sl, b[block], b[block + 1]))
+                 for (k, s), (kl, sl), b in zip(self.spills, self.layouts, self.bounds, strict=True)]
+        if not parts:
+            return np.empty(0, self.dtype), np.empty(0, np.int64)
+        keys, sums = (np.concatenate(p) for p in zip(*parts, strict=True))
+        return (keys, sums) if len(parts) == 1 else reduce_pairs(keys, sums)
 
 
 def write_spill(paths: tuple[Path, Path], keys: np.ndarray, sums: np.ndarray) -> None:
@@ -325,15 +357,23 @@ def count_cooccurrences(
     progress = Progress("cooccur", None, "unit")
     counter.count(batches(counter.units_per_batch), progress, in_order)
     progress.close()
+    nnz, total = write_triples(counter.merged_blocks(), vocab_size, counter.scale, out_path)
+    return {"nnz": nnz, "sum": total / counter.scale, "units": counter.units, "chunks": counter.buffer_spills}
+
+
+def write_triples(blocks: Iterable[tuple[np.ndarray, np.ndarray]], vocab_size: int, scale: int,
+                  out_path: Path) -> tuple[int, int]:
+    """The merged (keys, integer sums), in key order, as `cooccur.parquet` in row groups of exactly
+    `ROW_GROUP_ENTRIES`; returns the entries and the integer sum written."""
     schema = pa.schema([("row", pa.int32()), ("col", pa.int32()), ("value", pa.float64())])
     nnz, total = 0, 0
     # a row group is written (Arrow releases the GIL) while the next one is merged
     with pq.ParquetWriter(out_path, schema) as writer, ThreadPoolExecutor(1) as background:
         written: Future[None] | None = None
-        for keys, sums in fixed_size(counter.merged_blocks(), ROW_GROUP_ENTRIES):
+        for keys, sums in fixed_size(blocks, ROW_GROUP_ENTRIES):
             table = pa.table({
                 "row": (keys // vocab_size).astype(np.int32), "col": (keys % vocab_size).astype(np.int32),
-                "value": sums / counter.scale,  # int64 / int: the exact rational, rounded once
+                "value": sums / scale,  # int64 / int: the exact rational, rounded once
             }, schema=schema)
             if written is not None:
                 written.result()
@@ -342,4 +382,4 @@ def count_cooccurrences(
             total += int(sums.sum())
         if written is not None:
             written.result()
-    return {"nnz": nnz, "sum": total / counter.scale, "units": counter.units, "chunks": counter.buffer_spills}
+    return nnz, total

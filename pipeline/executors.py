@@ -90,20 +90,25 @@ def ordered_map(executor: Executor, workers: int, scheduler: str | None = None,
             yield local_map
         return
     with dask_client(workers, scheduler) as client:
-        ahead = ahead_per_worker * max(len(client.scheduler_info()["workers"]), 1)
+        yield dask_map(client, ahead_per_worker)
 
-        def dask_map(work: Callable[..., Any], items: Iterable[Any], *shared: Any) -> Iterator[Any]:
-            # hash=False: a key of its own, which the release of an earlier scatter of equal data cannot take
-            on_workers = [client.scatter(value, broadcast=True, hash=False) for value in shared]
-            in_flight: deque[Any] = deque()
-            for item in items:
-                in_flight.append(client.submit(work, item, *on_workers, pure=False))
-                if len(in_flight) >= ahead:
-                    yield in_flight.popleft().result()
-            while in_flight:
+
+def dask_map(client: Any, ahead_per_worker: int = IN_FLIGHT_PER_WORKER) -> OrderedMap:
+    """The ordered map of a Dask client's cluster, at most `ahead_per_worker` tasks per worker ahead."""
+    ahead = ahead_per_worker * max(len(client.scheduler_info()["workers"]), 1)
+
+    def cluster_map(work: Callable[..., Any], items: Iterable[Any], *shared: Any) -> Iterator[Any]:
+        # hash=False: a key of its own, which the release of an earlier scatter of equal data cannot take
+        on_workers = [client.scatter(value, broadcast=True, hash=False) for value in shared]
+        in_flight: deque[Any] = deque()
+        for item in items:
+            in_flight.append(client.submit(work, item, *on_workers, pure=False))
+            if len(in_flight) >= ahead:
                 yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
 
-        yield dask_map
+    return cluster_map
 
 
 @contextlib.contextmanager

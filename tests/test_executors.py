@@ -1,17 +1,18 @@
 """Stages' work on a Dask cluster of worker processes on 127.0.0.1 (clean, tokenize, cooccur): the
 same bytes as the local executor, and a worker killed mid-task costs nothing but the rerun of its
-task."""
+task (for cooccur's counting: of its part of the batches)."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from pathlib import Path
 
 import pytest
 from test_clean import csv_slice, run_stages, slice_params, wiki_slice, with_paths
 
-from pipeline import cooccurrence
+from pipeline import cooccurrence, cooccurrence_cluster
 from pipeline.config import ConfigError, parse_config
 from pipeline.executors import IN_FLIGHT_PER_WORKER, ordered_map
 from pipeline.files import file_digest
@@ -138,4 +139,37 @@ def test_cooccur_on_a_dask_cluster_writes_the_same_bytes(tiny_project, cluster, 
                               out / "cooccur", out / "cooccur.json", unit)
         assert metrics["chunks"] > 1
         results.append((output_digests(out), metrics["nnz"]))
+    assert results[0] == results[1]
+
+
+def test_cooccur_recounts_the_part_of_a_dask_worker_killed_mid_count(tiny_project, cluster, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    root, params = tiny_project
+    marker = tmp_path / "killed"
+
+    class DiesOnce(cooccurrence_cluster.PartCounter):  # local: pickled with its marker, by value
+        added = 0
+
+        def add(self, batch: cooccurrence.Batch) -> None:
+            self.added += 1
+            if self.added == 3:
+                try:
+                    marker.touch(exist_ok=False)
+                except FileExistsError:
+                    pass
+                else:
+                    os._exit(1)  # the worker process dies, as a killed one would
+            super().add(batch)
+
+    monkeypatch.setattr(cooccur, "count_on_cluster",
+                        functools.partial(cooccurrence_cluster.count_on_cluster, counter_class=DiesOnce))
+    results = []
+    for executor in ("local", "dask"):
+        run_params = copy.deepcopy(params)
+        run_params["cooccur"].update(executor=executor, scheduler=cluster.scheduler_address, memory_mb=0.5)
+        out = tmp_path / executor
+        metrics = cooccur.run(parse_config(run_params), root / "clean", root / "tokenizer", root / "tokens",
+                              out / "cooccur", out / "cooccur.json", "word")
+        results.append((output_digests(out), metrics["train_units_in_vocab"]))
+    assert marker.exists()  # a worker did die
     assert results[0] == results[1]

@@ -18,9 +18,12 @@ others in buffers that are sorted, reduced and spilled to disk when full; the ta
 are merged a block of rows at a time.
 
 Where the work runs (`cooccur.executor`): `local` splits words in `workers` processes (each reading
-every `workers`-th text) and counts batches of documents on `workers` threads; `dask` sends texts,
-`batch_texts` at a time, and batches of documents to the cluster's workers, and this process joins
-the word ids, adds the counted batches and merges. The output bytes are the same either way.
+every `workers`-th text) and counts batches of documents on `workers` threads, this process adding,
+spilling and merging; `dask` sends texts, `batch_texts` (at most `batch_chars`) at a time, to the
+cluster's workers to be split into words (this process joins the word ids), then batches of
+documents, in turn, to each worker, which counts, adds and spills them where it is
+(`pipeline.cooccurrence_cluster`); this process merges the workers' counts a block of rows at a
+time. The output bytes are the same either way.
 
 Outputs in `paths.cooccur/` (tokens: `paths.cooccur_token/`): `cooccur.parquet` (`row` int32,
 `col` int32, `value` float64, sorted by row then col), `vocab.parquet` (`unit`, `count`, and
@@ -50,7 +53,8 @@ import numpy as np
 from pipeline.config import Config, project_root
 from pipeline.configfamilies import Cooccur
 from pipeline.cooccurrence import Batch, count_cooccurrences, document_batches
-from pipeline.executors import OrderedMap, batched, ordered_map, threaded_map
+from pipeline.cooccurrence_cluster import count_on_cluster
+from pipeline.executors import OrderedMap, dask_client, dask_map, threaded_map
 from pipeline.files import InputError, atomic_dir, write_json
 from pipeline.shards import TokenShards, read_manifest
 from pipeline.stagecli import stage_main
@@ -169,15 +173,29 @@ def split_words(texts: list[str], pattern: str) -> tuple[list[str], np.ndarray, 
     return list(first_seen), np.array(ids, dtype=np.int32), np.array(lengths, dtype=np.int64)
 
 
-def read_word_ids_on_cluster(tables: list[Path], pattern: str, path: Path, batch_texts: int,
+def text_batches(texts: Iterable[str], max_texts: int, max_chars: int) -> Iterator[list[str]]:
+    """`texts` in lists of at most `max_texts` texts and `max_chars` characters (or one longer text)."""
+    batch: list[str] = []
+    chars = 0
+    for text in texts:
+        if batch and (len(batch) == max_texts or chars + len(text) > max_chars):
+            yield batch
+            batch, chars = [], 0
+        batch.append(text)
+        chars += len(text)
+    if batch:
+        yield batch
+
+
+def read_word_ids_on_cluster(tables: list[Path], pattern: str, path: Path, cfg: Cooccur,
                              in_order: OrderedMap) -> WordIds:
-    """The train texts split into words on a Dask cluster, `batch_texts` per task, their ids joined
-    here into one numbering in one file."""
+    """The train texts split into words on a Dask cluster, a batch of texts per task, their ids
+    joined here into one numbering in one file."""
     first_seen: dict[str, int] = {}
     lengths = []
     with open(path, "wb") as out:
-        for words, ids, text_lengths in in_order(split_words, batched(train_texts(*tables), batch_texts),
-                                                 pattern):
+        texts = text_batches(train_texts(*tables), cfg.batch_texts, cfg.batch_chars)
+        for words, ids, text_lengths in in_order(split_words, texts, pattern):
             to_global = np.array([first_seen.setdefault(w, len(first_seen)) for w in words], dtype=np.int32)
             to_global[ids].tofile(out)
             lengths.append(text_lengths)
@@ -264,16 +282,16 @@ def run(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     workers = co.workers or os.cpu_count() or 1
     with contextlib.ExitStack() as stack:
-        in_order = stack.enter_context(
-            threaded_map(workers) if co.executor == "local" else ordered_map("dask", workers, co.scheduler))
+        client = None if co.executor == "local" else stack.enter_context(dask_client(workers, co.scheduler))
+        in_order = stack.enter_context(threaded_map(workers)) if client is None else dask_map(client)
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=out_dir.parent)))
         if unit == "word":
             tables = word_tables(clean_dir, cfg.paths.given(cfg.words.include_labeled_train))
             if co.executor == "local":
                 word_ids = read_word_ids(tables, cfg.words.pattern, scratch, workers)
             else:
-                word_ids = read_word_ids_on_cluster(tables, cfg.words.pattern, scratch / "word_ids.int32",
-                                                    co.batch_texts, in_order)
+                word_ids = read_word_ids_on_cluster(tables, cfg.words.pattern, scratch / "word_ids.int32", co,
+                                                    in_order)
             vocab = word_vocabulary(word_ids, co, tables, cfg.words.pattern)
             check_vocabulary(vocab, co, unit)
             batches: Callable[[int], Iterable[Batch]] = functools.partial(word_batches, word_ids, vocab)
@@ -288,7 +306,10 @@ def run(
             batches = functools.partial(document_batches, documents)
         with atomic_dir(out_dir) as tmp:
             write_vocabulary(vocab, tmp / VOCAB_FILE)
-            counts = count_cooccurrences(batches, len(vocab), co, tmp / COOCCUR_FILE, scratch, in_order)
+            if client is None:
+                counts = count_cooccurrences(batches, len(vocab), co, tmp / COOCCUR_FILE, scratch, in_order)
+            else:
+                counts = count_on_cluster(batches, len(vocab), co, tmp / COOCCUR_FILE, client)
     if not counts["nnz"]:
         raise InputError("no two in-vocabulary units share a document in train: the matrix is empty")
     metrics = {
