@@ -149,3 +149,11 @@ def test_empty_train_split_is_refused(tiny_project, tmp_path):
     with pytest.raises(InputError, match="train has no words"):
         cooccur.run(parse_config(params), tmp_path / "clean", root / "tokenizer", root / "tokens",
                     tmp_path / "co", tmp_path / "co.json")
+
+
+def test_word_splitting_tasks_are_bounded_by_texts_and_by_characters() -> None:
+    texts = ["a" * n for n in [5, 1, 30, 2, 2, 2, 2, 9, 1]]
+    batches = list(cooccur.text_batches(texts, 3, 10))
+    assert [t for batch in batches for t in batch] == texts  # every text once, in order
+    assert [len(batch) for batch in batches] == [2, 1, 3, 1, 2]  # the 30-char text travels alone
+    assert all(len(b) <= 3 and (len(b) == 1 or sum(map(len, b)) <= 10) for b in batches)
