@@ -39,6 +39,7 @@ from pipeline.executors import DASK_ATTEMPTS, IN_FLIGHT_PER_WORKER
 from pipeline.progress import Progress
 
 BLOCKS_AHEAD = 1  # blocks of rows requested from the parts ahead of the one being merged
+WORKER_WAIT_S = 60  # how long a pass waits for a cluster with no worker (one restarting) to get one
 
 
 class PartCounter:
@@ -115,6 +116,10 @@ def counted_parts(client: Any, batches: Callable[[], Iterable[Batch]], parts: in
     done: dict[int, Any] = {}
     pending = list(range(parts))
     for _ in range(DASK_ATTEMPTS):
+        try:
+            client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+        except TimeoutError:
+            raise RuntimeError(f"cooccur: the Dask cluster has had no worker for {WORKER_WAIT_S} s") from None
         workers = list(client.scheduler_info()["workers"])
         actors = {part: client.submit(counter_class, *shape, actor=True, pure=False, allow_other_workers=True,
                                       workers=[workers[i % len(workers)]]).result()
