@@ -77,26 +77,27 @@ class PartCounter:
         self.scratch.cleanup()
 
 
-def failed_parts(actors: dict[int, Any], batches: Iterable[Batch], parts: int) -> set[int]:
+def failed_parts(actors: dict[int, Any], batches: Iterable[Batch], parts: int) -> dict[int, Exception]:
     """Sends batch i to part i % `parts` (where that part has an actor), `IN_FLIGHT_PER_WORKER` calls
-    ahead per actor, then ends their counting; returns the parts whose actor failed (its worker died)."""
-    failed: set[int] = set()
+    ahead per actor, then ends their counting; returns the parts whose actor failed (its worker died),
+    with the error."""
+    failed: dict[int, Exception] = {}
     in_flight: deque[tuple[int, Any]] = deque()
 
     def call(part: int, method: str, *args: Any) -> None:
         if part in actors and part not in failed:
             try:  # a lost actor refuses the call itself
                 in_flight.append((part, getattr(actors[part], method)(*args)))
-            except Exception:
-                failed.add(part)
+            except Exception as error:
+                failed.setdefault(part, error)
 
     def settle(limit: int) -> None:
         while len(in_flight) > limit:
             part, result = in_flight.popleft()
             try:
                 result.result()
-            except Exception:  # its worker died (or its counting failed): the part is redone
-                failed.add(part)
+            except Exception as error:  # its worker died (or its counting failed): the part is redone
+                failed.setdefault(part, error)
 
     for i, batch in enumerate(batches):
         call(i % parts, "add", batch)
@@ -112,25 +113,27 @@ def counted_parts(client: Any, batches: Callable[[], Iterable[Batch]], parts: in
                   vocab_size: int, counter_class: type = PartCounter) -> list[Any]:
     """Actors holding the finished counts of each part, in part order: the parts whose worker died
     are counted again on new actors, up to `DASK_ATTEMPTS` passes in all."""
-    shape = (vocab_size, cfg.window, int(cfg.memory_mb * 2**20))
+    counter_args = (vocab_size, cfg.window, int(cfg.memory_mb * 2**20))
     done: dict[int, Any] = {}
     pending = list(range(parts))
+    failed: dict[int, Exception] = {}
     for _ in range(DASK_ATTEMPTS):
         try:
             client.wait_for_workers(1, timeout=WORKER_WAIT_S)
         except TimeoutError:
             raise RuntimeError(f"cooccur: the Dask cluster has had no worker for {WORKER_WAIT_S} s") from None
         workers = list(client.scheduler_info()["workers"])
-        actors = {part: client.submit(counter_class, *shape, actor=True, pure=False, allow_other_workers=True,
-                                      workers=[workers[i % len(workers)]]).result()
+        actors = {part: client.submit(counter_class, *counter_args, actor=True, pure=False,
+                                      workers=[workers[i % len(workers)]], allow_other_workers=True).result()
                   for i, part in enumerate(pending)}
         failed = failed_parts(actors, batches(), parts)
         done.update((part, actor) for part, actor in actors.items() if part not in failed)
         pending = sorted(failed)
         if not pending:
             return [done[part] for part in range(parts)]
+    last = failed[pending[-1]]
     raise RuntimeError(f"cooccur: parts {pending} failed on {DASK_ATTEMPTS} passes (their Dask workers "
-                       "died); rerun the stage")
+                       f"died, or counting failed: {type(last).__name__}: {last}); rerun the stage") from last
 
 
 def merged_blocks(actors: list[Any], max_entries: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -144,7 +147,7 @@ def merged_blocks(actors: list[Any], max_entries: int) -> Iterator[tuple[np.ndar
         while len(requested) <= BLOCKS_AHEAD and block + len(requested) < len(cuts) - 1:
             requested.append([actor.block(block + len(requested)) for actor in actors])
         keys, sums = (np.concatenate(p) for p in zip(*(r.result() for r in requested.popleft()), strict=True))
-        yield reduce_pairs(keys, sums)
+        yield (keys, sums) if len(actors) == 1 else reduce_pairs(keys, sums)
     for actor in actors:
         actor.close().result()
 
