@@ -15,9 +15,17 @@ from pathlib import Path
 from typing import Any
 
 PACKAGE_SCHEME = "pkg://"
-# Parquet texts per read: Arrow's read buffers grow with the batch, far past its text (100x the default
-# dump's train texts read whole: 346 MiB peak at 1,024 rows per read, 162 MiB at 64)
+# Parquet texts per read: Arrow's read buffers grow with the batch, far past its text
 TEXT_ROWS_PER_READ = 64
+
+
+def streamed_parquet(path: Path | str) -> Any:
+    """A `pyarrow.parquet.ParquetFile` for reading in batches. Pre-buffering is off: its cache keeps
+    every row group read until the file is closed, so a pass over a file held its compressed columns
+    whole (the 100x growth curve's corpus: 120 MiB of Arrow memory, 1.6x the 1x stage's peak)."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path, pre_buffer=False)
 
 
 class InputError(ValueError):

@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import IO
 
 import charset_normalizer
-import pyarrow.parquet as pq
 from ftfy.badness import badness
 
 from pipeline.config import Source
-from pipeline.files import InputError
+from pipeline.files import InputError, streamed_parquet
 
 ENCODING_SAMPLE_BYTES = 1 << 20
 FALLBACK_ENCODINGS = ("cp1252", "mac_roman", "latin-1")
@@ -168,7 +167,7 @@ def read_csv(path: Path, source: Source) -> Iterator[RawDoc]:
 
 def read_parquet(path: Path, source: Source) -> Iterator[RawDoc]:
     try:
-        table = pq.ParquetFile(path)
+        table = streamed_parquet(path)
     except Exception as exc:  # pyarrow raises several types for a file that is not Parquet
         raise InputError(f"{path}: not a readable Parquet file: {exc}") from None
     columns = [c for c in (source.text_field, source.label_field) if c]

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.files import TEXT_ROWS_PER_READ, InputError, atomic_path
+from pipeline.files import TEXT_ROWS_PER_READ, InputError, atomic_path, streamed_parquet
 
 COOCCUR_FILE = "cooccur.parquet"
 VOCAB_FILE = "vocab.parquet"
@@ -77,7 +77,7 @@ def train_texts(*tables: Path, part: int = 0, parts: int = 1) -> Iterator[str]:
     of all tables, only rows `part`, `part + parts`, ..."""
     first_row = 0
     for table in tables:
-        for batch in pq.ParquetFile(table).iter_batches(columns=["text", "split"],
+        for batch in streamed_parquet(table).iter_batches(columns=["text", "split"],
                                                         batch_size=TEXT_ROWS_PER_READ):
             mine = slice((part - first_row) % parts, None, parts)  # no pa.array: it imports pandas
             first_row += batch.num_rows

@@ -224,6 +224,21 @@ def test_reading_windows_does_not_grow_memory_with_shard_size(tmp_path: Path) ->
     assert grown_mib < 32, f"anonymous memory grew {grown_mib:.0f} MiB reading a 256 MiB shard"
 
 
+def test_reading_texts_holds_no_more_arrow_memory_for_a_longer_file(real_clean: Path, tmp_path: Path) -> None:
+    def arrow_bytes_held(copies: int) -> int:
+        path = tmp_path / f"corpus-{copies}.parquet"
+        pq.write_table(pa.concat_tables([corpus] * copies), path, row_group_size=8)
+        held = 0
+        for texts in tokenize.read_texts(path, "train", batch=4):
+            held = max(held, pa.total_allocated_bytes())
+            assert texts
+        return held
+
+    corpus = pq.read_table(real_clean / clean.CORPUS_FILE, columns=["text", "split"])
+    once, eight_times = arrow_bytes_held(1), arrow_bytes_held(8)
+    assert eight_times < 1.2 * once, f"Arrow held {once} bytes for the corpus, {eight_times} for it 8 times"
+
+
 # ---------------------------------------------------------------- bad input
 
 

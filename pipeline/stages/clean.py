@@ -39,7 +39,14 @@ from datasketch import MinHash, MinHashLSH
 
 from pipeline.config import Config, Dedup, Filters, Source, project_root
 from pipeline.executors import batched, ordered_map
-from pipeline.files import TEXT_ROWS_PER_READ, InputError, atomic_path, resolve_paths, write_json
+from pipeline.files import (
+    TEXT_ROWS_PER_READ,
+    InputError,
+    atomic_path,
+    resolve_paths,
+    streamed_parquet,
+    write_json,
+)
 from pipeline.progress import Progress
 from pipeline.sources import RawDoc, read_source
 from pipeline.splits import SPLITS, read_split_manifest, split_rows, write_split_manifest
@@ -136,7 +143,7 @@ class OutputSet:
         """The unsplit file's row groups (`row_group_rows` rows or `row_group_bytes` of text), each read
         in small batches: Arrow's read buffers grow with the batch (long articles cost several times
         their text)."""
-        unsplit = pq.ParquetFile(self.path)
+        unsplit = streamed_parquet(self.path)
         for group in range(unsplit.num_row_groups):
             batches = unsplit.iter_batches(TEXT_ROWS_PER_READ, row_groups=[group])
             yield pa.Table.from_batches(list(batches), schema=unsplit.schema_arrow)

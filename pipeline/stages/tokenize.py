@@ -42,6 +42,7 @@ from pipeline.files import (
     atomic_children,
     atomic_dir,
     file_digest,
+    streamed_parquet,
     write_json,
 )
 from pipeline.progress import Progress
@@ -56,8 +57,7 @@ LABELED_FILE = "labeled.parquet"
 
 def read_texts(path: Path, split: str, batch: int = TEXT_ROWS_PER_READ) -> Iterator[list[str]]:
     """The texts of one split, streamed in file order, a batch at a time."""
-    table = pq.ParquetFile(path)
-    for record_batch in table.iter_batches(columns=["text", "split"], batch_size=batch):
+    for record_batch in streamed_parquet(path).iter_batches(columns=["text", "split"], batch_size=batch):
         texts, splits = record_batch.column(0).to_pylist(), record_batch.column(1).to_pylist()
         chosen = [t for t, s in zip(texts, splits, strict=True) if s == split]
         if chosen:
@@ -193,7 +193,7 @@ def encoding_map(cfg: Tokenize) -> Iterator[OrderedMap]:
 
 def corpus_batches(corpus: Path, size: int) -> Iterator[tuple[list[str], list[str]]]:
     """(texts, their splits), `size` documents at a time, in file order."""
-    for batch in pq.ParquetFile(corpus).iter_batches(columns=["text", "split"], batch_size=size):
+    for batch in streamed_parquet(corpus).iter_batches(columns=["text", "split"], batch_size=size):
         yield batch.column(0).to_pylist(), batch.column(1).to_pylist()
 
 
