@@ -42,9 +42,11 @@ CHILD = """
 import json, resource, sys, time
 from pathlib import Path
 from pipeline.config import load_config
+from pipeline.executors import prepare_stage_process
 from pipeline.stages import clean, cooccur, tokenize
 stage, work, overrides = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
 cfg = load_config(overrides=overrides)
+prepare_stage_process(cfg.cooccur.executor)  # as each stage's CLI does (all three executors are one)
 started = time.perf_counter()
 if stage == "clean":
     clean.run(cfg, work / "raw", work / "clean", work / "m" / "clean.json")

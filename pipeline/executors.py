@@ -118,7 +118,9 @@ def hand_freed_memory_back() -> None:
     """Fixed malloc thresholds for this process. glibc keeps freed memory for reuse and raises its
     mmap threshold as large blocks are freed, so a process that receives many large, short-lived
     messages (a Dask client, and a LocalCluster's scheduler beside it) keeps growing: 505 against
-    447 MiB counting co-occurrences of the 100x growth-curve corpus. A no-op off glibc."""
+    447 MiB counting co-occurrences of the 100x growth-curve corpus. A no-op off glibc. Process-wide
+    (every later large allocation is mapped and unmapped), so only a stage's own process sets it
+    (`prepare_stage_process`), not a library call that a notebook or a test process makes."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
@@ -127,12 +129,17 @@ def hand_freed_memory_back() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, FREED_BYTES_KEPT)
 
 
+def prepare_stage_process(executor: Executor) -> None:
+    """What a stage's own process sets for its executor (called by the stages' CLIs)."""
+    if executor == "dask":
+        hand_freed_memory_back()
+
+
 @contextlib.contextmanager
 def dask_client(workers: int, scheduler: str | None) -> Iterator[Any]:
     import dask
     from dask.distributed import Client, LocalCluster
 
-    hand_freed_memory_back()
     with contextlib.ExitStack() as stack:
         stack.enter_context(dask.config.set({
             "distributed.scheduler.allowed-failures": DASK_ATTEMPTS - 1,

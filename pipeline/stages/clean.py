@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from datasketch import MinHash, MinHashLSH
 
 from pipeline.config import Config, Dedup, Filters, Source, project_root
-from pipeline.executors import batched, ordered_map
+from pipeline.executors import batched, ordered_map, prepare_stage_process
 from pipeline.files import (
     TEXT_ROWS_PER_READ,
     InputError,
@@ -385,6 +385,7 @@ def execute(cfg: Config, kind: str) -> str:
     """The stage as DVC runs it: paths from params, one MLflow run, a summary line."""
     from pipeline import tracking
 
+    prepare_stage_process(cfg.data.clean.executor)
     root = project_root()
     stage = "clean" if kind == "corpus" else f"clean_{kind}"
     raw_dir, out_dir = root / cfg.paths.raw, root / cfg.paths.clean

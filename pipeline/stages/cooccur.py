@@ -54,7 +54,7 @@ from pipeline.config import Config, project_root
 from pipeline.configfamilies import Cooccur
 from pipeline.cooccurrence import Batch, count_cooccurrences, document_batches
 from pipeline.cooccurrence_cluster import count_on_cluster
-from pipeline.executors import OrderedMap, dask_client, dask_map, threaded_map
+from pipeline.executors import OrderedMap, dask_client, dask_map, prepare_stage_process, threaded_map
 from pipeline.files import InputError, atomic_dir, write_json
 from pipeline.shards import TokenShards, read_manifest
 from pipeline.stagecli import stage_main
@@ -327,6 +327,7 @@ def execute(cfg: Config, unit: Unit = "word") -> str:
     """The stage as DVC runs it: `cooccur` on words, `cooccur_token` (`--unit token`) on BPE ids."""
     from pipeline import tracking
 
+    prepare_stage_process(cfg.cooccur.executor)
     root = project_root()
     clean_dir, tokens_dir, tokenizer_dir = (root / p for p in (cfg.paths.clean, cfg.paths.tokens,
                                                                 cfg.paths.tokenizer))

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pipeline.config import Config, Tokenize, project_root
-from pipeline.executors import OrderedMap, in_process_map, ordered_map
+from pipeline.executors import OrderedMap, in_process_map, ordered_map, prepare_stage_process
 from pipeline.files import (
     TEXT_ROWS_PER_READ,
     InputError,
@@ -350,6 +350,7 @@ def execute(cfg: Config, part: str) -> str:
     from pipeline import tracking
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    prepare_stage_process(cfg.tokenize.executor)
     root = project_root()
     clean_dir, tokens_dir = root / cfg.paths.clean, root / cfg.paths.tokens
     tokenizer_dir = root / cfg.paths.tokenizer
