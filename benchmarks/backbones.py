@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[0] = str(ROOT)  # benchmarks/tokenize.py would shadow the standard library's tokenize
+sys.path[0] = str(ROOT)
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -22,8 +22,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# benchmarks/tokenize.py shadows the standard library's `tokenize` for scripts in this folder:
-# replace the folder with the project root on the path before anything imports it.
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[0] = str(ROOT)
 

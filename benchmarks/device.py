@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[0] = str(ROOT)  # benchmarks/tokenize.py shadows the standard library's module
+sys.path[0] = str(ROOT)
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[0] = str(ROOT)  # benchmarks/tokenize.py would shadow the standard library's tokenize
+sys.path[0] = str(ROOT)
 
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402

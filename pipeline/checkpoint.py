@@ -84,7 +84,7 @@ def restore(checkpoints: Path, expected: str, model: nn.Module, optimizer: torch
         return fresh
     state = load_state(checkpoints / STATE)
     if state.get("fingerprint") != expected:
-        print(f"{stage}: checkpoint belongs to other params or data; starting fresh", file=sys.stderr)
+        print(f"{stage}: checkpoint belongs to other params, data or code; starting fresh", file=sys.stderr)
         return fresh
     if state.get("best_saved") and not (checkpoints / "best" / CONFIG).exists():
         print(f"{stage}: checkpoint has lost its best model; starting fresh", file=sys.stderr)

@@ -1,6 +1,7 @@
 """The DVC graph is exact: under each configuration, a change to a raw source or to a params section
 reaches exactly the stages that read it, directly or through what they read: first on DVC's own
-index, then as `dvc status` reports it on a project whose outputs are committed."""
+index, then as `dvc status` reports it on a project whose outputs are committed; and every stage
+names the code behind its results."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline import sourcecode
 from pipeline.config import project_root
 from pipeline.status import stale_stages
 
@@ -162,3 +164,35 @@ def test_dvc_status_agrees(projects: dict[str, Path], config: str) -> None:
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         assert rerun(root) == reached(root, section=key), key
     (root / "params.yaml").write_text(text)
+
+
+def test_every_stage_names_the_code_behind_its_results() -> None:
+    """dvc.yaml's code deps of each stage cover every package module its module imports, directly or
+    through others (less the plumbing): a change to one reruns the stage, as it invalidates the
+    checkpoints of a training stage."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        module = stage["cmd"].split()[2]  # python -m <module> ...
+        named = [dep for dep in stage["deps"] if dep.startswith(f"{sourcecode.PACKAGE}/")]
+        code = sourcecode.result_code(module)
+        missing = [f for f in code if not any(f == dep or f.startswith(f"{dep}/") for dep in named)]
+        assert not missing, f"{name}: dvc.yaml does not name {missing}"
+
+
+def test_the_code_digest_follows_imported_modules_not_plumbing(tmp_path: Path, monkeypatch) -> None:
+    shutil.copytree(REPO / sourcecode.PACKAGE, tmp_path / sourcecode.PACKAGE,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(sourcecode, "ROOT", tmp_path)
+    module = "pipeline.stages.pretrain"
+    before = sourcecode.code_digest(module)
+    assert "pipeline/progress.py" not in sourcecode.result_code(module)
+    assert "pipeline/models/gpt.py" in sourcecode.result_code(module)  # through `from pipeline.models import`
+    with (tmp_path / "pipeline/progress.py").open("a") as plumbing:
+        plumbing.write("# reporting only\n")
+    assert sourcecode.code_digest(module) == before
+    with (tmp_path / "pipeline/models/gpt.py").open("a") as model:
+        model.write("# a change to the model\n")
+    assert sourcecode.code_digest(module) != before
+    (tmp_path / "pipeline/models/gpt.py").write_bytes((REPO / "pipeline/models/gpt.py").read_bytes())
+    assert sourcecode.code_digest(module) == before
+    assert "pipeline/models/gpt.py" not in sourcecode.result_code("pipeline.stages.clean")

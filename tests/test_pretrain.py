@@ -187,6 +187,23 @@ def test_rerun_of_a_finished_run_restores_the_model_without_training(tiny_projec
     assert (metrics["tokens_per_s"], metrics["mfu"]) == (first["tokens_per_s"], first["mfu"])
 
 
+def test_a_finished_run_by_other_code_is_trained_again(tiny_project, tmp_path: Path, monkeypatch,
+                                                      capfd) -> None:
+    """The checkpoint's fingerprint holds the digest of the code behind the stage: DVC reruns the
+    stage when that code changes, and the rerun must train, not hand back the old code's model."""
+    root, _ = tiny_project
+    params = parse_config(pretrain_params(tiny_project, tmp_path, max_steps=4))
+    stage_args = (root / "tokens", root / "tokenizer", tmp_path / "lm", tmp_path / "checkpoints",
+                  tmp_path / "m")
+    pretrain.run(params, *stage_args)
+    capfd.readouterr()
+    monkeypatch.setattr(pretrain, "code_digest", lambda module: "the digest of changed code")
+    metrics = pretrain.run(params, *stage_args)
+    printed = capfd.readouterr().err
+    assert "other params, data or code; starting fresh" in printed and "resuming" not in printed
+    assert metrics["steps"] == 4
+
+
 def test_glove_token_vectors_initialise_the_embedding(tiny_project, tmp_path: Path) -> None:
     from pipeline.stages import cooccur, glove
 

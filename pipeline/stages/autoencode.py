@@ -62,6 +62,7 @@ from pipeline.models.sentence import (
 )
 from pipeline.progress import Progress
 from pipeline.sentence_eval import Sentences, Text, encoded, probe, score_models, split_rows
+from pipeline.sourcecode import code_digest
 from pipeline.stagecli import stage_main
 from pipeline.training import decay_groups, masking_generator, warmup_cosine
 
@@ -125,8 +126,10 @@ def loss_function(kind: str, cfg: Autoencode, text: Text) -> LossOf:
 
 
 def fingerprint(cfg: Autoencode, name: str, data_digest: str) -> str:
+    """What a checkpoint must match to be resumed: the params that train, the model, the data, the code."""
     params = cfg.model_dump(exclude=EVAL_ONLY)
-    return hashlib.sha256(json.dumps([params, name, data_digest], sort_keys=True).encode()).hexdigest()
+    identity = [params, name, data_digest, code_digest("pipeline.stages.autoencode")]
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def train(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int,

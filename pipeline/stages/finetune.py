@@ -48,6 +48,7 @@ from pipeline.files import InputError, atomic_dir, file_digest, write_csv, write
 from pipeline.hf import is_transformers_dir
 from pipeline.models import SequenceClassifier, TransformersClassifier, with_dropout
 from pipeline.progress import Progress
+from pipeline.sourcecode import code_digest
 from pipeline.stagecli import stage_main
 from pipeline.tracking import path_md5
 from pipeline.training import autocast, decay_groups, warmup_cosine
@@ -171,8 +172,8 @@ def fresh_progress() -> dict[str, Any]:
 
 def fingerprint(cfg: Finetune, base_digest: str, labeled_sha256: str) -> str:
     params = cfg.model_dump(exclude={"resume", "base"})  # the base counts by its bytes, not its path
-    identity = json.dumps([params, base_digest, labeled_sha256], sort_keys=True)
-    return hashlib.sha256(identity.encode()).hexdigest()
+    identity = [params, base_digest, labeled_sha256, code_digest("pipeline.stages.finetune")]
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def write_curves(plots: Path, progress: dict[str, Any]) -> None:

@@ -47,6 +47,7 @@ from pipeline.models import model_config as config_of
 from pipeline.ngram import unigram_bits_per_token
 from pipeline.progress import Progress
 from pipeline.shards import TokenShards, WindowPosition, read_manifest
+from pipeline.sourcecode import code_digest
 from pipeline.stagecli import stage_main
 from pipeline.tracking import path_md5
 from pipeline.training import (
@@ -117,9 +118,10 @@ def glove_embedding(glove_dir: Path, initial: torch.Tensor) -> torch.Tensor:
 
 
 def fingerprint(cfg: Pretrain, data_digest: str) -> str:
-    """What a checkpoint must match to be resumed: the params (bar resume itself) and the data."""
+    """What a checkpoint must match to be resumed: the params (bar resume itself), the data and the code."""
     params = cfg.model_dump(exclude={"resume"})
-    return hashlib.sha256(json.dumps([params, data_digest], sort_keys=True).encode()).hexdigest()
+    identity = [params, data_digest, code_digest("pipeline.stages.pretrain")]
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def peak_flops(device: torch.device) -> float:

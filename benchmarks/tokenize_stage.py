@@ -5,7 +5,7 @@
 - Limit: `Tokenizer.encode_batch` on the same texts in the same batches, in memory, no I/O.
 The corpus is the default clean corpus repeated `k` times (each copy a new set of documents).
 
-    python benchmarks/tokenize.py [--repeats 3]   # after `make run` (needs data/clean, data/tokenizer)
+    python benchmarks/tokenize_stage.py [--repeats 3]   # after `make run` (needs data/clean, data/tokenizer)
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This file's name shadows the standard library's `tokenize`: put the project first instead of
-# this directory before anything imports it.
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[0] = str(ROOT)
 
