@@ -28,7 +28,6 @@ from pipeline.autoencoding import (
     sentence_nll,
 )
 from pipeline.config import ConfigError, parse_config
-from pipeline.configfamilies import Autoencode
 from pipeline.models.sentence import Denoiser, SentenceConfig, SentenceModel
 from pipeline.report import sentence_models_section
 from pipeline.stages import autoencode
@@ -102,14 +101,6 @@ def test_the_pointer_generator_is_a_distribution_that_can_copy_and_its_training_
         mass = only_copies[row][:, sorted(allowed)].sum(-1)
         assert torch.allclose(mass, torch.ones_like(mass), atol=1e-4)
         assert only_copies[row][:, 1].max() < 1e-6  # the pad id sits at the source's padding
-
-
-def test_the_checkpoint_fingerprint_holds_the_code_behind_the_stage(monkeypatch):
-    cfg = Autoencode()
-    before = autoencode.fingerprint(cfg, "vae", "data")
-    assert autoencode.fingerprint(cfg, "vae", "data") == before
-    monkeypatch.setattr(autoencode, "code_digest", lambda module: "the digest of changed code")
-    assert autoencode.fingerprint(cfg, "vae", "data") != before
 
 
 def test_active_units_count_dimensions_whose_posterior_mean_varies():

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from pipeline import ngram
 from pipeline.classify import Classifier, read_examples
 from pipeline.cli import app
-from pipeline.config import Finetune, parse_config
+from pipeline.config import parse_config
 from pipeline.files import InputError
 from pipeline.shards import TokenShards
 from pipeline.stages import evaluate, finetune, pretrain
@@ -99,14 +99,6 @@ def test_an_interrupted_run_resumes_to_identical_weights(tiny_lm, trained, tmp_p
     run_finetune(root, finetune_params(params, tmp_path), tmp_path)
     assert (whole / "classifier" / "model.safetensors").read_bytes() == \
         (tmp_path / "classifier" / "model.safetensors").read_bytes()
-
-
-def test_the_checkpoint_fingerprint_holds_the_code_behind_the_stage(monkeypatch):
-    cfg = Finetune()
-    before = finetune.fingerprint(cfg, "base", "labeled")
-    assert finetune.fingerprint(cfg, "base", "labeled") == before
-    monkeypatch.setattr(finetune, "code_digest", lambda module: "the digest of changed code")
-    assert finetune.fingerprint(cfg, "base", "labeled") != before
 
 
 def test_metrics_agree_with_scikit_learn():

@@ -6,6 +6,7 @@ names the code behind its results."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,8 @@ import pytest
 import yaml
 
 from pipeline import sourcecode
-from pipeline.config import project_root
+from pipeline.config import Finetune, Pretrain, project_root
+from pipeline.configfamilies import Autoencode
 from pipeline.status import stale_stages
 
 REPO = project_root(Path(__file__).parent)
@@ -196,3 +198,15 @@ def test_the_code_digest_follows_imported_modules_not_plumbing(tmp_path: Path, m
     (tmp_path / "pipeline/models/gpt.py").write_bytes((REPO / "pipeline/models/gpt.py").read_bytes())
     assert sourcecode.code_digest(module) == before
     assert "pipeline/models/gpt.py" not in sourcecode.result_code("pipeline.stages.clean")
+
+
+@pytest.mark.parametrize(("stage", "config", "inputs"), [
+    ("pretrain", Pretrain, ("data",)), ("finetune", Finetune, ("base", "labeled")),
+    ("autoencode", Autoencode, ("vae", "data"))])
+def test_a_training_stage_s_checkpoint_fingerprint_holds_its_code(stage: str, config: type, inputs: tuple,
+                                                                  monkeypatch) -> None:
+    module = importlib.import_module(f"pipeline.stages.{stage}")
+    before = module.fingerprint(config(), *inputs)
+    assert module.fingerprint(config(), *inputs) == before
+    monkeypatch.setattr(module, "code_digest", lambda name: "the digest of changed code")
+    assert module.fingerprint(config(), *inputs) != before
