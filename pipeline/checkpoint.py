@@ -4,6 +4,7 @@ come from safetensors, training state through `torch.load(weights_only=True)`.""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from collections.abc import Callable
@@ -20,6 +21,15 @@ from pipeline.models import build_model, model_config
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 STATE = "state.pt"
+
+Fingerprint = dict[str, str]  # what a training run is, part by part (params, data, code...): digests
+
+
+def fingerprint_of(**parts: Any) -> Fingerprint:
+    """Each part (a JSON value) by its sha256. A checkpoint resumes only a run equal in every part;
+    `restore` names the parts that differ."""
+    return {name: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+            for name, value in parts.items()}
 
 
 def is_tied_head(key: str) -> bool:
@@ -74,7 +84,7 @@ def load_state(path: Path) -> dict[str, Any]:
         raise InputError(f"{path}: not a loadable training state: {exc}") from None
 
 
-def restore(checkpoints: Path, expected: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+def restore(checkpoints: Path, expected: Fingerprint, model: nn.Module, optimizer: torch.optim.Optimizer,
             fresh: dict[str, Any], stage: str, load: Callable[[dict, dict], None] | None = None
             ) -> dict[str, Any]:
     """The training progress saved in `checkpoints` when it belongs to this run (same fingerprint),
@@ -83,8 +93,12 @@ def restore(checkpoints: Path, expected: str, model: nn.Module, optimizer: torch
     if not (checkpoints / STATE).exists():
         return fresh
     state = load_state(checkpoints / STATE)
-    if state.get("fingerprint") != expected:
-        print(f"{stage}: checkpoint belongs to other params, data or code; starting fresh", file=sys.stderr)
+    saved = state.get("fingerprint")
+    if saved != expected:
+        saved = saved if isinstance(saved, dict) else {}  # a checkpoint from before fingerprints had parts
+        differing = [part for part in expected if saved.get(part) != expected[part]] or ["parts"]
+        named = " and ".join([", ".join(differing[:-1]), differing[-1]] if len(differing) > 1 else differing)
+        print(f"{stage}: checkpoint belongs to other {named}; starting fresh", file=sys.stderr)
         return fresh
     if state.get("best_saved") and not (checkpoints / "best" / CONFIG).exists():
         print(f"{stage}: checkpoint has lost its best model; starting fresh", file=sys.stderr)
@@ -101,7 +115,7 @@ def restore(checkpoints: Path, expected: str, model: nn.Module, optimizer: torch
 
 
 def write_checkpoint(checkpoints: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     progress: dict[str, Any], fingerprint: str,
+                     progress: dict[str, Any], fingerprint: Fingerprint,
                      full: tuple[dict, dict] | None = None) -> None:
     """Weights (`checkpoints/model`) and the training state beside them, each written atomically;
     `full`: the model and optimizer state gathered from a sharded model."""

@@ -200,7 +200,8 @@ def test_a_finished_run_by_other_code_is_trained_again(tiny_project, tmp_path: P
     monkeypatch.setattr(pretrain, "code_digest", lambda module: "the digest of changed code")
     metrics = pretrain.run(params, *stage_args)
     printed = capfd.readouterr().err
-    assert "other params, data or code; starting fresh" in printed and "resuming" not in printed
+    assert "pretrain: checkpoint belongs to other code; starting fresh" in printed
+    assert "resuming" not in printed
     assert metrics["steps"] == 4
 
 

@@ -29,7 +29,6 @@ Outputs (`paths.autoencode/`): `<model>/` (safetensors + config.json), `examples
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import sys
 from collections.abc import Callable
@@ -48,7 +47,7 @@ from pipeline.autoencoding import (
     reparameterized,
     sentence_nll,
 )
-from pipeline.checkpoint import restore, save_model, write_checkpoint
+from pipeline.checkpoint import Fingerprint, fingerprint_of, restore, save_model, write_checkpoint
 from pipeline.config import Config, project_root
 from pipeline.configfamilies import Autoencode
 from pipeline.files import InputError, atomic_dir, write_json
@@ -125,11 +124,11 @@ def loss_function(kind: str, cfg: Autoencode, text: Text) -> LossOf:
     return loss_of
 
 
-def fingerprint(cfg: Autoencode, name: str, data_digest: str) -> str:
-    """What a checkpoint must match to be resumed: the params that train, the model, the data, the code."""
-    params = cfg.model_dump(exclude=EVAL_ONLY)
-    identity = [params, name, data_digest, code_digest("pipeline.stages.autoencode")]
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+def fingerprint(cfg: Autoencode, name: str, data_digest: str) -> Fingerprint:
+    """What a checkpoint must match to be resumed: the params that train (and the model's name), the
+    data and the code."""
+    return fingerprint_of(params=[cfg.model_dump(exclude=EVAL_ONLY), name], data=data_digest,
+                          code=code_digest("pipeline.stages.autoencode"))
 
 
 def train(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int,

@@ -15,7 +15,6 @@ Outputs: `paths.classifier/` (model.safetensors, config.json, labels.json, token
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -32,7 +31,15 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 from torch import nn
 
-from pipeline.checkpoint import load_model, read_config, restore, save_model, write_checkpoint
+from pipeline.checkpoint import (
+    Fingerprint,
+    fingerprint_of,
+    load_model,
+    read_config,
+    restore,
+    save_model,
+    write_checkpoint,
+)
 from pipeline.classify import (
     LABELS_FILE,
     TOKENIZER_FILE,
@@ -170,10 +177,11 @@ def fresh_progress() -> dict[str, Any]:
             "val_curve": [], "seconds_training": 0.0}
 
 
-def fingerprint(cfg: Finetune, base_digest: str, labeled_sha256: str) -> str:
-    params = cfg.model_dump(exclude={"resume", "base"})  # the base counts by its bytes, not its path
-    identity = [params, base_digest, labeled_sha256, code_digest("pipeline.stages.finetune")]
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+def fingerprint(cfg: Finetune, base_digest: str, labeled_sha256: str) -> Fingerprint:
+    """What a checkpoint must match to be resumed: the params, the base model (by its bytes, not its
+    path), the labeled train set and the code."""
+    return fingerprint_of(params=cfg.model_dump(exclude={"resume", "base"}), **{"base model": base_digest},
+                          data=labeled_sha256, code=code_digest("pipeline.stages.finetune"))
 
 
 def write_curves(plots: Path, progress: dict[str, Any]) -> None:

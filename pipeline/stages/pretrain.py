@@ -21,8 +21,6 @@ atomically to `paths.checkpoints`; `resume: auto` continues from there when the 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import os
 import shutil
@@ -37,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.checkpoint import load_model, restore, save_model, write_checkpoint
+from pipeline.checkpoint import Fingerprint, fingerprint_of, load_model, restore, save_model, write_checkpoint
 from pipeline.config import Config, Pretrain, project_root
 from pipeline.distributed import gather, gather_model, join, mean_over_ranks, scatterer, shard
 from pipeline.files import InputError, atomic_dir, file_digest, write_csv, write_json
@@ -117,11 +115,10 @@ def glove_embedding(glove_dir: Path, initial: torch.Tensor) -> torch.Tensor:
     return table
 
 
-def fingerprint(cfg: Pretrain, data_digest: str) -> str:
+def fingerprint(cfg: Pretrain, data_digest: str) -> Fingerprint:
     """What a checkpoint must match to be resumed: the params (bar resume itself), the data and the code."""
-    params = cfg.model_dump(exclude={"resume"})
-    identity = [params, data_digest, code_digest("pipeline.stages.pretrain")]
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return fingerprint_of(params=cfg.model_dump(exclude={"resume"}), data=data_digest,
+                          code=code_digest("pipeline.stages.pretrain"))
 
 
 def peak_flops(device: torch.device) -> float:
