@@ -94,8 +94,10 @@ def restore(checkpoints: Path, expected: Fingerprint, model: nn.Module, optimize
         return fresh
     state = load_state(checkpoints / STATE)
     saved = state.get("fingerprint")
+    if not isinstance(saved, dict):  # written before fingerprints had parts (and code among them)
+        print(f"{stage}: checkpoint from an older version of the pipeline; starting fresh", file=sys.stderr)
+        return fresh
     if saved != expected:
-        saved = saved if isinstance(saved, dict) else {}  # a checkpoint from before fingerprints had parts
         differing = [part for part in expected if saved.get(part) != expected[part]] or ["parts"]
         named = " and ".join([", ".join(differing[:-1]), differing[-1]] if len(differing) > 1 else differing)
         print(f"{stage}: checkpoint belongs to other {named}; starting fresh", file=sys.stderr)

@@ -20,7 +20,7 @@ import yaml
 from conftest import NO_INPUT
 from safetensors.torch import load_file
 
-from pipeline.checkpoint import STATE, WEIGHTS, load_model, load_state
+from pipeline.checkpoint import STATE, WEIGHTS, fingerprint_of, load_model, load_state, restore, save_state
 from pipeline.config import parse_config, project_root
 from pipeline.files import InputError, file_digest
 from pipeline.generate import generate
@@ -203,6 +203,18 @@ def test_a_finished_run_by_other_code_is_trained_again(tiny_project, tmp_path: P
     assert "pretrain: checkpoint belongs to other code; starting fresh" in printed
     assert "resuming" not in printed
     assert metrics["steps"] == 4
+
+
+def test_a_refused_checkpoint_names_what_differs(tmp_path: Path, capfd) -> None:
+    fresh = {"step": 0}
+    expected = fingerprint_of(params={"lr": 1}, data="d", code="c")
+    other = fingerprint_of(params={"lr": 2}, data="d", code="e")
+    save_state(tmp_path / STATE, {"step": 3, "fingerprint": other})
+    assert restore(tmp_path, expected, None, None, fresh, "pretrain") is fresh
+    assert "pretrain: checkpoint belongs to other params and code; starting fresh" in capfd.readouterr().err
+    save_state(tmp_path / STATE, {"step": 3, "fingerprint": "a digest of the whole, as before parts"})
+    assert restore(tmp_path, expected, None, None, fresh, "pretrain") is fresh
+    assert "checkpoint from an older version of the pipeline; starting fresh" in capfd.readouterr().err
 
 
 def test_glove_token_vectors_initialise_the_embedding(tiny_project, tmp_path: Path) -> None:
