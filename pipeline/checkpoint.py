@@ -98,7 +98,7 @@ def restore(checkpoints: Path, expected: Fingerprint, model: nn.Module, optimize
         print(f"{stage}: checkpoint from an older version of the pipeline; starting fresh", file=sys.stderr)
         return fresh
     if saved != expected:
-        differing = [part for part in expected if saved.get(part) != expected[part]] or ["parts"]
+        differing = [part for part in {**saved, **expected} if saved.get(part) != expected.get(part)]
         named = " and ".join([", ".join(differing[:-1]), differing[-1]] if len(differing) > 1 else differing)
         print(f"{stage}: checkpoint belongs to other {named}; starting fresh", file=sys.stderr)
         return fresh

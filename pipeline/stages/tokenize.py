@@ -57,8 +57,7 @@ LABELED_FILE = "labeled.parquet"
 
 def read_texts(path: Path, split: str, batch: int = TEXT_ROWS_PER_READ) -> Iterator[list[str]]:
     """The texts of one split, streamed in file order, a batch at a time."""
-    for record_batch in streamed_parquet(path).iter_batches(columns=["text", "split"], batch_size=batch):
-        texts, splits = record_batch.column(0).to_pylist(), record_batch.column(1).to_pylist()
+    for texts, splits in text_batches(path, batch):
         chosen = [t for t, s in zip(texts, splits, strict=True) if s == split]
         if chosen:
             yield chosen
@@ -191,9 +190,9 @@ def encoding_map(cfg: Tokenize) -> Iterator[OrderedMap]:
         yield in_order
 
 
-def corpus_batches(corpus: Path, size: int) -> Iterator[tuple[list[str], list[str]]]:
+def text_batches(path: Path, size: int) -> Iterator[tuple[list[str], list[str]]]:
     """(texts, their splits), `size` documents at a time, in file order."""
-    for batch in streamed_parquet(corpus).iter_batches(columns=["text", "split"], batch_size=size):
+    for batch in streamed_parquet(path).iter_batches(columns=["text", "split"], batch_size=size):
         yield batch.column(0).to_pylist(), batch.column(1).to_pylist()
 
 
@@ -211,7 +210,7 @@ def encode_corpus(
     splits_on_their_way: deque[list[str]] = deque()  # of the batches handed out and not yet back
 
     def corpus_texts() -> Iterator[list[str]]:
-        for texts, splits in corpus_batches(corpus, cfg.batch_documents):
+        for texts, splits in text_batches(corpus, cfg.batch_documents):
             splits_on_their_way.append(splits)
             yield texts
 
